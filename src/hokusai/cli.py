@@ -1,0 +1,163 @@
+"""The `hokusai` command: serve the API and manage its database and keys.
+
+Server modules are imported inside the commands, so the CLI starts (and `--help` works) with the client
+dependencies alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Coroutine
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import typer
+
+if TYPE_CHECKING:
+    from hokusai.server.config import Settings
+
+app = typer.Typer(help="Hokusai Registry: model registry, MLflow gateway and DSPy execution API.",
+                  no_args_is_help=True, pretty_exceptions_show_locals=False)
+keys_app = typer.Typer(help="Create, list and revoke API keys (operates on the database directly).",
+                       no_args_is_help=True)
+db_app = typer.Typer(help="The service database.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+app.add_typer(db_app, name="db")
+
+
+def _settings(**overrides: Any) -> Settings:
+    from hokusai.server.config import ConfigurationError, load_settings
+
+    try:
+        return load_settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ConfigurationError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _fail(message: str) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(1)
+
+
+@app.command()
+def serve(
+    host: str | None = typer.Option(None, help="Interface to listen on [HOKUSAI_HOST, default 127.0.0.1]"),
+    port: int | None = typer.Option(None, help="Port to listen on [HOKUSAI_PORT, default 8001]"),
+) -> None:
+    """Serve the API (and, unless HOKUSAI_MLFLOW_URL is set, an embedded MLflow server)."""
+    settings = _settings(host=host, port=port)
+
+    import uvicorn
+
+    from hokusai.server.app import create_app
+    from hokusai.server.logs import configure_logging
+
+    configure_logging(settings.log_level)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
+                access_log=False, proxy_headers=False)
+
+
+def _with_store(work: Any) -> Any:
+    """Migrate the database, then run `work(store)` (a coroutine function) and return its result."""
+    settings = _settings()
+    from hokusai.server.auth.store import ApiKeyStore
+    from hokusai.server.db import Database, run_migrations
+
+    run_migrations(settings.database_dsn)
+
+    async def run() -> Any:
+        database = Database(settings.async_database_dsn)
+        try:
+            return await work(ApiKeyStore(database))
+        finally:
+            await database.dispose()
+
+    return _run(run())
+
+
+def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
+    from hokusai.server.errors import HokusaiError
+
+    try:
+        return asyncio.run(coroutine)
+    except HokusaiError as exc:
+        raise _fail(exc.detail) from None
+
+
+@keys_app.command("create")
+def keys_create(
+    name: str = typer.Option(..., "--name", help="Who or what the key is for"),
+    scopes: str = typer.Option("read", "--scopes", help="Comma-separated: read, write, admin"),
+    rate_limit_per_hour: int | None = typer.Option(None, "--rate-limit-per-hour", min=1),
+    expires_in_days: int | None = typer.Option(None, "--expires-in-days", min=1),
+    test: bool = typer.Option(False, "--test", help="Make an hk_test_ key instead of hk_live_"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Create a key and print it once."""
+    from hokusai.server.auth.keys import Scope
+    from hokusai.server.auth.schemas import ApiKeyView
+
+    try:
+        scope_set = {Scope(part.strip()) for part in scopes.split(",") if part.strip()}
+    except ValueError:
+        raise _fail(f"unknown scope in {scopes!r}; use read, write, admin") from None
+    expires_in = timedelta(days=expires_in_days) if expires_in_days else None
+    created = _with_store(
+        lambda store: store.create(name, scope_set, rate_limit_per_hour, expires_in, "test" if test else "live")
+    )
+    view = ApiKeyView.of(created.info).model_dump(mode="json")
+    if as_json:
+        typer.echo(json.dumps({**view, "key": created.key}))
+        return
+    typer.echo(f"Created {view['id']} ({view['name']}, scopes {','.join(view['scopes'])}). The key, shown once:")
+    typer.echo(created.key)
+
+
+@keys_app.command("list")
+def keys_list(as_json: bool = typer.Option(False, "--json", help="Print a JSON array")) -> None:
+    """List keys (never their secrets)."""
+    from hokusai.server.auth.schemas import ApiKeyView
+
+    views = [ApiKeyView.of(info).model_dump(mode="json") for info in _with_store(lambda store: store.list())]
+    if as_json:
+        typer.echo(json.dumps(views))
+        return
+    for view in views:
+        state = "revoked" if view["revoked_at"] else "active"
+        typer.echo(f"{view['id']}  {view['prefix']}...  {view['name']}  [{','.join(view['scopes'])}]  {state}"
+                   f"  expires {view['expires_at'] or 'never'}  last used {view['last_used_at'] or 'never'}")
+
+
+@keys_app.command("revoke")
+def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (key_...), as `keys list` shows")) -> None:
+    """Revoke a key; running servers stop accepting it within the auth cache TTL."""
+    info = _with_store(lambda store: store.revoke(key_id))
+    typer.echo(f"Revoked {info.id} ({info.name})")
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Apply the database migrations (the server also does this when it starts)."""
+    settings = _settings()
+    from hokusai.server.db import run_migrations
+
+    run_migrations(settings.database_dsn)
+    typer.echo("Database is up to date")
+
+
+@app.command()
+def version() -> None:
+    """Print the installed version."""
+    from hokusai import __version__
+
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,51 @@
+"""create_app(settings): routers, middleware, lifespan; nothing else."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from hokusai import __version__
+from hokusai.server.auth.router import router as keys_router
+from hokusai.server.config import Settings, load_settings
+from hokusai.server.errors import install_error_handlers
+from hokusai.server.health.router import router as health_router
+from hokusai.server.middleware import RequestContextMiddleware
+from hokusai.server.runtime import AdminKeyAnnouncer, Runtime
+
+
+def print_admin_key(key: str, saved_to: str) -> None:
+    """Shown once, on the terminal only: deliberately not a log line, so it never reaches log storage."""
+    print(
+        f"\nCreated the first admin API key (shown once, also saved to {saved_to} with mode 0600):\n\n    {key}\n",
+        file=sys.stdout,
+        flush=True,
+    )
+
+
+def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnnouncer = print_admin_key) -> FastAPI:
+    settings = settings or load_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await Runtime.start(settings, announce_admin_key)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await runtime.stop()
+
+    app = FastAPI(
+        title="Hokusai Registry",
+        version=__version__,
+        description="Model registry, authenticated MLflow gateway and DSPy execution for Hokusai.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    app.include_router(health_router)
+    app.include_router(keys_router)
+    app.add_middleware(RequestContextMiddleware)
+    return app

@@ -1,0 +1,1 @@
+"""API keys: format, storage, validation and the FastAPI dependencies that enforce them."""

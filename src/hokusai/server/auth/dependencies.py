@@ -1,0 +1,59 @@
+"""FastAPI dependencies: `authenticate` finds and checks the caller's key, `require_scope` guards a route.
+
+A route is public only by not declaring these; there is no list of exempt path prefixes to get wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Literal
+
+from fastapi import Depends, Request
+
+from hokusai.server.auth.keys import Scope, grants
+from hokusai.server.auth.store import ApiKeyInfo
+from hokusai.server.errors import ApiKeyRequired, PermissionDenied
+from hokusai.server.middleware import RESPONSE_HEADERS_STATE_KEY
+from hokusai.server.runtime import get_runtime
+
+KeySource = Literal["authorization", "x-api-key", "query"]
+QUERY_KEY_WARNING = '299 - "The api_key query parameter is deprecated: send the key in the Authorization header"'
+
+
+def presented_key(request: Request) -> tuple[str | None, KeySource | None]:
+    """The key the client sent, and where: Authorization (Bearer/ApiKey), then X-API-Key, then ?api_key=."""
+    authorization = request.headers.get("authorization")
+    if authorization:
+        scheme, _, credentials = authorization.strip().partition(" ")
+        if scheme.lower() in {"bearer", "apikey"}:
+            return credentials.strip(), "authorization"
+    header_key = request.headers.get("x-api-key")
+    if header_key is not None:
+        return header_key.strip(), "x-api-key"
+    query_key = request.query_params.get("api_key")
+    if query_key is not None:
+        return query_key.strip(), "query"
+    return None, None
+
+
+async def authenticate(request: Request) -> ApiKeyInfo:
+    key, source = presented_key(request)
+    if not key:
+        raise ApiKeyRequired()
+    info = await get_runtime(request).api_keys.authenticate(key)
+    if source == "query":
+        headers = getattr(request.state, RESPONSE_HEADERS_STATE_KEY, None)
+        if headers is not None:
+            headers.extend([("Deprecation", "true"), ("Warning", QUERY_KEY_WARNING)])
+    request.state.api_key = info
+    return info
+
+
+def require_scope(scope: Scope) -> Callable[..., Awaitable[ApiKeyInfo]]:
+    async def scope_guard(key: ApiKeyInfo = Depends(authenticate)) -> ApiKeyInfo:
+        if not grants(key.scopes, scope):
+            raise PermissionDenied(f"This API key lacks the '{scope.value}' scope")
+        return key
+
+    scope_guard.__name__ = f"require_{scope.value}_scope"
+    return scope_guard

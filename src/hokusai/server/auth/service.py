@@ -1,0 +1,110 @@
+"""ApiKeyService: validates presented keys (with a short in-process cache) and manages keys for the HTTP API."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import timedelta
+from pathlib import Path
+
+from hokusai.server.auth.keys import Scope, hash_api_key, is_well_formed
+from hokusai.server.auth.store import ApiKeyInfo, ApiKeyStore, CreatedApiKey
+from hokusai.server.db import utcnow
+from hokusai.server.errors import InvalidApiKey
+
+MAX_CACHED_KEYS = 10_000
+
+
+class ApiKeyService:
+    def __init__(self, store: ApiKeyStore, cache_ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.store = store
+        self._cache_ttl = cache_ttl
+        self._clock = clock
+        # key hash -> (record, when read). Bounded and keyed by hash: the plaintext is never kept.
+        self._cache: OrderedDict[str, tuple[ApiKeyInfo, float]] = OrderedDict()
+
+    async def authenticate(self, presented: str) -> ApiKeyInfo:
+        """The record of an active key, or InvalidApiKey for anything else.
+
+        The database is searched by the key's SHA-256, so lookup timing says nothing about the key itself;
+        the only direct comparison (the checksum) is constant-time.
+        """
+        if not is_well_formed(presented):
+            raise InvalidApiKey()
+        key_hash = hash_api_key(presented)
+        now = utcnow()
+        info = self._cached(key_hash)
+        if info is None:
+            info = await self.store.find_by_hash(key_hash)
+            if info is None:
+                raise InvalidApiKey()
+            if info.is_active(now):
+                # Recorded when the cache is refreshed: at most once per TTL per process, not per request.
+                await self.store.mark_used(info.id, now)
+            self._remember(key_hash, info)
+        if not info.is_active(now):
+            raise InvalidApiKey()
+        return info
+
+    async def create(
+        self, name: str, scopes: set[Scope], rate_limit_per_hour: int | None, expires_in_days: int | None
+    ) -> CreatedApiKey:
+        expires_in = timedelta(days=expires_in_days) if expires_in_days is not None else None
+        return await self.store.create(name, scopes, rate_limit_per_hour, expires_in)
+
+    async def list(self) -> list[ApiKeyInfo]:
+        return await self.store.list()
+
+    async def revoke(self, key_id: str) -> ApiKeyInfo:
+        """Revoke at once in this process; other processes see it when their cache entry expires."""
+        info = await self.store.revoke(key_id)
+        for key_hash in [h for h, (cached, _) in self._cache.items() if cached.id == key_id]:
+            del self._cache[key_hash]
+        return info
+
+    def _cached(self, key_hash: str) -> ApiKeyInfo | None:
+        entry = self._cache.get(key_hash)
+        if entry is None:
+            return None
+        info, read_at = entry
+        if self._clock() - read_at >= self._cache_ttl:
+            del self._cache[key_hash]
+            return None
+        return info
+
+    def _remember(self, key_hash: str, info: ApiKeyInfo) -> None:
+        if self._cache_ttl <= 0:
+            return
+        self._cache[key_hash] = (info, self._clock())
+        self._cache.move_to_end(key_hash)
+        while len(self._cache) > MAX_CACHED_KEYS:
+            self._cache.popitem(last=False)
+
+
+BOOTSTRAP_KEY_NAME = "bootstrap admin"
+
+
+async def ensure_admin_key(store: ApiKeyStore, supplied: str | None, key_file: Path) -> str | None:
+    """On a database with no keys, create the first admin key.
+
+    With `supplied` (HOKUSAI_BOOTSTRAP_ADMIN_KEY) that key is stored and nothing is printed or written.
+    Otherwise a new key is written to `key_file` (mode 0600) and returned, for the caller to show once.
+    """
+    if await store.count() > 0:
+        return None
+    if supplied is not None:
+        await store.create(BOOTSTRAP_KEY_NAME, {Scope.ADMIN}, key=supplied)
+        return None
+    created = await store.create(BOOTSTRAP_KEY_NAME, {Scope.ADMIN})
+    _write_private_file(key_file, created.key + "\n")
+    return created.key
+
+
+def _write_private_file(path: Path, content: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as handle:
+        handle.write(content)
+    os.chmod(path, 0o600)  # O_CREAT's mode does not apply to a file that already existed

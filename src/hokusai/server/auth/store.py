@@ -1,0 +1,142 @@
+"""ApiKeyStore: create, find, list and revoke API keys in the service database."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, select, update
+
+from hokusai.server.auth.keys import (
+    KeyKind,
+    Scope,
+    display_prefix,
+    generate_api_key,
+    hash_api_key,
+    is_well_formed,
+)
+from hokusai.server.auth.models import ApiKeyRow
+from hokusai.server.db import Database, utcnow
+from hokusai.server.errors import InvalidRequest, NotFound
+
+
+@dataclass(frozen=True)
+class ApiKeyInfo:
+    """What the service knows about a key, without the key."""
+
+    id: str
+    name: str
+    prefix: str
+    scopes: frozenset[Scope]
+    rate_limit_per_hour: int | None
+    created_at: datetime
+    expires_at: datetime | None
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+    def is_active(self, now: datetime) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or self.expires_at > now)
+
+    @classmethod
+    def from_row(cls, row: ApiKeyRow) -> ApiKeyInfo:
+        return cls(
+            id=row.id,
+            name=row.name,
+            prefix=row.prefix,
+            scopes=frozenset(Scope(s) for s in row.scopes),
+            rate_limit_per_hour=row.rate_limit_per_hour,
+            created_at=row.created_at,
+            expires_at=row.expires_at,
+            last_used_at=row.last_used_at,
+            revoked_at=row.revoked_at,
+        )
+
+
+@dataclass(frozen=True)
+class CreatedApiKey:
+    """A new key: the only moment its plaintext exists on the server."""
+
+    info: ApiKeyInfo
+    key: str
+
+
+class ApiKeyNotFound(NotFound):
+    def __init__(self, key_id: str) -> None:
+        super().__init__(f"API key not found: {key_id}")
+
+
+class ApiKeyStore:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def create(
+        self,
+        name: str,
+        scopes: set[Scope],
+        rate_limit_per_hour: int | None = None,
+        expires_in: timedelta | None = None,
+        kind: KeyKind = "live",
+        key: str | None = None,
+    ) -> CreatedApiKey:
+        """Store a new key; `key` imports a given plaintext (the operator's bootstrap key) instead of generating one."""
+        if not name.strip():
+            raise InvalidRequest("API key name must not be empty")
+        if not scopes:
+            raise InvalidRequest("An API key needs at least one scope")
+        if rate_limit_per_hour is not None and rate_limit_per_hour < 1:
+            raise InvalidRequest("rate_limit_per_hour must be a positive integer")
+        if expires_in is not None and expires_in <= timedelta(0):
+            raise InvalidRequest("expiry must be in the future")
+        if key is not None and not is_well_formed(key):
+            raise InvalidRequest("The given key is not a well-formed hk_live_/hk_test_ key (prefix, length, checksum)")
+        plaintext = key or generate_api_key(kind)
+        now = utcnow()
+        row = ApiKeyRow(
+            id="key_" + secrets.token_hex(8),
+            name=name.strip(),
+            prefix=display_prefix(plaintext),
+            key_hash=hash_api_key(plaintext),
+            scopes=sorted(s.value for s in scopes),
+            rate_limit_per_hour=rate_limit_per_hour,
+            created_at=now,
+            expires_at=now + expires_in if expires_in else None,
+        )
+        async with self._database.session() as session, session.begin():
+            session.add(row)
+        return CreatedApiKey(info=ApiKeyInfo.from_row(row), key=plaintext)
+
+    async def find_by_hash(self, key_hash: str) -> ApiKeyInfo | None:
+        async with self._database.session() as session:
+            row = await session.scalar(select(ApiKeyRow).where(ApiKeyRow.key_hash == key_hash))
+            return ApiKeyInfo.from_row(row) if row else None
+
+    async def get(self, key_id: str) -> ApiKeyInfo:
+        async with self._database.session() as session:
+            row = await session.get(ApiKeyRow, key_id)
+            if row is None:
+                raise ApiKeyNotFound(key_id)
+            return ApiKeyInfo.from_row(row)
+
+    async def list(self) -> list[ApiKeyInfo]:
+        async with self._database.session() as session:
+            rows = await session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.id))
+            return [ApiKeyInfo.from_row(row) for row in rows]
+
+    async def count(self) -> int:
+        async with self._database.session() as session:
+            return int(await session.scalar(select(func.count()).select_from(ApiKeyRow)) or 0)
+
+    async def revoke(self, key_id: str) -> ApiKeyInfo:
+        """Revoke a key; revoking it again keeps the first revocation time."""
+        async with self._database.session() as session, session.begin():
+            row = await session.get(ApiKeyRow, key_id, with_for_update=True)
+            if row is None:
+                raise ApiKeyNotFound(key_id)
+            if row.revoked_at is None:
+                row.revoked_at = utcnow()
+            return ApiKeyInfo.from_row(row)
+
+    async def mark_used(self, key_id: str, when: datetime) -> None:
+        async with self._database.session() as session, session.begin():
+            await session.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(last_used_at=when))

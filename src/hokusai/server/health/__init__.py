@@ -1,0 +1,1 @@
+"""Health, readiness, liveness, version and metrics endpoints."""

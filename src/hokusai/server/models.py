@@ -1,0 +1,5 @@
+"""Registry of the ORM modules, so Alembic and tests see every table."""
+
+
+def import_all_models() -> None:
+    from hokusai.server.auth import models as _auth_models  # noqa: F401

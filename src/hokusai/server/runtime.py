@@ -1,0 +1,86 @@
+"""Runtime: the long-lived parts of one running app (database, key service, MLflow, Redis), built in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import anyio
+from fastapi import Request
+from redis.asyncio import Redis
+
+from hokusai.server.auth.service import ApiKeyService, ensure_admin_key
+from hokusai.server.auth.store import ApiKeyStore
+from hokusai.server.buildinfo import BuildInfo, read_build_info
+from hokusai.server.config import Settings
+from hokusai.server.db import Database, run_migrations
+from hokusai.server.mlflow.embedded import EmbeddedMlflow
+from hokusai.server.mlflow.upstream import MlflowUpstream
+
+logger = logging.getLogger(__name__)
+
+AdminKeyAnnouncer = Callable[[str, str], None]
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    database: Database
+    api_keys: ApiKeyService
+    mlflow: MlflowUpstream
+    embedded_mlflow: EmbeddedMlflow | None
+    redis: Redis | None
+    build: BuildInfo
+    started_at: float
+
+    @classmethod
+    async def start(cls, settings: Settings, announce_admin_key: AdminKeyAnnouncer) -> Runtime:
+        settings.home.mkdir(parents=True, exist_ok=True)
+        embedded = None
+        if settings.embedded_mlflow:
+            # First, so its ~4 s start overlaps with our own migrations.
+            embedded = EmbeddedMlflow(settings.home, settings.mlflow_port)
+            await embedded.start()
+        mlflow_url = embedded.url if embedded else str(settings.mlflow_url)
+
+        await anyio.to_thread.run_sync(run_migrations, settings.database_dsn)
+        database = Database(settings.async_database_dsn)
+        store = ApiKeyStore(database)
+        supplied = settings.bootstrap_admin_key.get_secret_value() if settings.bootstrap_admin_key else None
+        new_admin_key = await ensure_admin_key(store, supplied, settings.admin_key_path)
+        if new_admin_key is not None:
+            announce_admin_key(new_admin_key, str(settings.admin_key_path))
+
+        redis = None
+        if settings.redis_url is not None:
+            timeout = settings.health_check_timeout
+            redis = Redis.from_url(str(settings.redis_url), socket_timeout=timeout, socket_connect_timeout=timeout)
+
+        return cls(
+            settings=settings,
+            database=database,
+            api_keys=ApiKeyService(store, settings.auth_cache_ttl),
+            mlflow=MlflowUpstream(mlflow_url, settings.mlflow_timeout),
+            embedded_mlflow=embedded,
+            redis=redis,
+            build=await anyio.to_thread.run_sync(read_build_info, settings),
+            started_at=time.monotonic(),
+        )
+
+    async def stop(self) -> None:
+        await self.mlflow.aclose()
+        if self.redis is not None:
+            await self.redis.aclose()
+        if self.embedded_mlflow is not None:
+            await self.embedded_mlflow.stop()
+        await self.database.dispose()
+
+    @property
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self.started_at
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
