@@ -1,0 +1,96 @@
+"""Shared fixtures: one real MLflow server per session, real service processes, the machine's Postgres and Redis.
+
+Outside CI the Postgres and Redis tests skip with a message saying how to enable them; under CI=true a missing
+service fails the run instead.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import subprocess
+from collections.abc import Callable, Iterator
+
+import psycopg
+import pytest
+import redis
+
+from hokusai.server.mlflow.embedded import embedded_mlflow_command, free_loopback_port
+from tests.support import (
+    MlflowServer,
+    ServiceFactory,
+    ServiceProcess,
+    stop_process_group,
+    unavailable,
+    wait_for_status,
+)
+
+POSTGRES_ADMIN_URL = os.environ.get("HOKUSAI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+REDIS_TEST_URL = os.environ.get("HOKUSAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
+    """One real MLflow server (SQLite store, one worker, jobs off) shared by the session."""
+    home = tmp_path_factory.mktemp("mlflow-server")
+    port = free_loopback_port()
+    log = home / "mlflow.log"
+    with open(log, "wb") as out:
+        process = subprocess.Popen(embedded_mlflow_command(home, "127.0.0.1", port), stdout=out,
+                                   stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    wait_for_status(f"{url}/health", process=process, log=log)
+    yield MlflowServer(url, process)
+    stop_process_group(process)
+
+
+@pytest.fixture(scope="session")
+def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServiceProcess]]:
+    factory = ServiceFactory(tmp_path_factory)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="session")
+def service(start_service: Callable[..., ServiceProcess], mlflow_server: MlflowServer) -> ServiceProcess:
+    """The shared service: SQLite database, the session's MLflow, a 1 s key cache so revocations show quickly."""
+    return start_service(mlflow_url=mlflow_server.url, auth_cache_ttl="1")
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[list[str]]:
+    """Checks the machine's PostgreSQL once; drops every database the tests created at the end."""
+    try:
+        with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5) as admin:
+            admin.execute("SELECT 1")
+    except psycopg.Error as exc:
+        unavailable("PostgreSQL", "start it (see .ci/run) or set HOKUSAI_TEST_POSTGRES_URL", exc)
+    created: list[str] = []
+    yield created
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        for name in created:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture
+def postgres_url(postgres_server: list[str]) -> str:
+    """A fresh, empty database on the machine's PostgreSQL for this test."""
+    name = f"hokusai_test_{secrets.token_hex(4)}"
+    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    postgres_server.append(name)
+    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    return f"{base}/{name}"
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_TEST_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        unavailable("Redis", "start it (see .ci/run) or set HOKUSAI_TEST_REDIS_URL", exc)
+    return REDIS_TEST_URL
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"

@@ -1,0 +1,130 @@
+"""Helpers for tests that start real processes: the service, MLflow, the CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hokusai.server.auth.keys import generate_api_key
+from hokusai.server.mlflow.embedded import free_loopback_port
+
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def unavailable(service: str, how: str, error: Exception) -> None:
+    """Skip outside CI, fail under CI (where the service must be there)."""
+    message = f"{service} is not reachable ({error}); {how}"
+    if IN_CI:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def wait_for_status(url: str, status: int = 200, timeout: float = 90.0, process: subprocess.Popen | None = None,
+                    log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            output = log.read_text() if log and log.exists() else ""
+            raise RuntimeError(f"process exited with {process.returncode} while waiting for {url}:\n{output[-4000:]}")
+        try:
+            last = httpx.get(url, timeout=2).status_code
+            if last == status:
+                return
+        except httpx.TransportError as exc:
+            last = exc
+        time.sleep(0.1)
+    raise TimeoutError(f"{url} did not answer {status} within {timeout}s (last: {last})")
+
+
+def stop_process_group(process: subprocess.Popen, grace: float = 15.0) -> None:
+    if process.poll() is not None:
+        return
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+
+@dataclass
+class MlflowServer:
+    url: str
+    process: subprocess.Popen
+
+
+@dataclass
+class ServiceProcess:
+    """A `hokusai serve` process started the way a user starts it."""
+
+    base_url: str
+    home: Path
+    log_path: Path
+    process: subprocess.Popen
+    env: dict[str, str]
+    admin_key: str | None = None
+
+    def client(self, key: str | None = None, **kwargs) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30, **kwargs)
+
+    def logs(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        """Run the `hokusai` CLI against this service's database."""
+        return run_cli(*args, env=self.env)
+
+    def stop(self) -> None:
+        stop_process_group(self.process)
+
+
+def service_environment(**overrides: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HOKUSAI_")}
+    env.update(overrides)
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str], input: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hokusai.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=120, input=input)
+
+
+@dataclass
+class ServiceFactory:
+    tmp_path_factory: pytest.TempPathFactory
+    started: list[ServiceProcess] = field(default_factory=list)
+
+    def __call__(self, wait_until: str = "ready", bootstrap: bool = True, **settings: str) -> ServiceProcess:
+        home = self.tmp_path_factory.mktemp("hokusai-home")
+        port = free_loopback_port()
+        admin_key = generate_api_key() if bootstrap else None
+        overrides = {"HOKUSAI_HOME": str(home), "HOKUSAI_PORT": str(port), "HOKUSAI_ENVIRONMENT": "test"}
+        if admin_key:
+            overrides["HOKUSAI_BOOTSTRAP_ADMIN_KEY"] = admin_key
+        overrides.update({f"HOKUSAI_{name.upper()}": value for name, value in settings.items()})
+        env = service_environment(**overrides)
+        log_path = home / "service.log"
+        with open(log_path, "wb") as out:
+            process = subprocess.Popen([sys.executable, "-m", "hokusai.cli", "serve"], env=env, stdout=out,
+                                       stderr=subprocess.STDOUT, start_new_session=True)
+        service = ServiceProcess(f"http://127.0.0.1:{port}", home, log_path, process, env, admin_key)
+        self.started.append(service)
+        path = {"ready": "/ready", "live": "/live"}[wait_until]
+        wait_for_status(service.base_url + path, process=process, log=log_path)
+        return service
+
+    def stop_all(self) -> None:
+        for service in self.started:
+            service.stop()
+
+
