@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import statistics
@@ -31,10 +32,8 @@ def tree_pss_mb(pid: int) -> float:
     processes = [root, *root.children(recursive=True)]
     total = 0
     for process in processes:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             total += process.memory_full_info().pss
-        except psutil.NoSuchProcess:
-            pass
     return total / 2**20
 
 

@@ -28,19 +28,31 @@ FASTAPI_ONLY_PROBE = "/v1/traces"
 
 def gunicorn_command(home: Path, port: int) -> list[str]:
     return [
-        sys.executable, "-m", "mlflow", "server",
-        "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-        "--artifacts-destination", str(home / "mlartifacts"),
-        "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        "--gunicorn-opts", "--worker-class sync --timeout 60",
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(home / "mlartifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--gunicorn-opts",
+        "--worker-class sync --timeout 60",
     ]
 
 
 def start(command: list[str], port: int) -> tuple[subprocess.Popen, float]:
     env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     started = time.perf_counter()
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     wait_for(f"http://127.0.0.1:{port}/health")
     return process, time.perf_counter() - started
 
@@ -72,16 +84,18 @@ def main() -> None:
                 for name, client in clients.items():
                     timings[name].append(one_call(client))
             memory = {name: tree_pss_mb(process.pid) for name, process in processes.items()}
-            probe = {name: "served" if client.post(FASTAPI_ONLY_PROBE, content=b"").status_code != 404 else "missing (404)"
-                     for name, client in clients.items()}
+            probe = {name: client.post(FASTAPI_ONLY_PROBE, content=b"").status_code for name, client in clients.items()}
         finally:
             for process in processes.values():
                 stop_group(process)
 
     print(f"one-worker MLflow, {CALLS} alternating experiments/search calls on keep-alive connections")
     for name in ("uvicorn", "gunicorn"):
-        print(f"  {name:8s}: median {median(timings[name]) * 1000:.2f} ms, start {startup[name]:.2f} s (cold store),"
-              f" tree PSS {memory[name]:.0f} MB, POST {FASTAPI_ONLY_PROBE}: {probe[name]}")
+        served = "missing (404)" if probe[name] == 404 else "served"
+        print(
+            f"  {name:8s}: median {median(timings[name]) * 1000:.2f} ms, start {startup[name]:.2f} s (cold store),"
+            f" tree PSS {memory[name]:.0f} MB, POST {FASTAPI_ONLY_PROBE}: {served}"
+        )
     ratio = median(timings["gunicorn"]) / median(timings["uvicorn"])
     print(f"  latency ratio gunicorn/uvicorn: {ratio:.2f} (above 1 means uvicorn is faster)")
 

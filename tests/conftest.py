@@ -28,6 +28,7 @@ from tests.support import (
 POSTGRES_ADMIN_URL = os.environ.get("HOKUSAI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
 REDIS_TEST_URL = os.environ.get("HOKUSAI_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
+
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowServer]:
     """One real MLflow server (SQLite store, one worker, jobs off) shared by the session."""
@@ -35,8 +36,12 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     port = free_loopback_port()
     log = home / "mlflow.log"
     with open(log, "wb") as out:
-        process = subprocess.Popen(embedded_mlflow_command(home, "127.0.0.1", port), stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            embedded_mlflow_command(home, "127.0.0.1", port),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     wait_for_status(f"{url}/health", process=process, log=log)
     yield MlflowServer(url, process)

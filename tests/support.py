@@ -27,8 +27,9 @@ def unavailable(service: str, how: str, error: Exception) -> None:
     pytest.skip(message)
 
 
-def wait_for_status(url: str, status: int = 200, timeout: float = 90.0, process: subprocess.Popen | None = None,
-                    log: Path | None = None) -> None:
+def wait_for_status(
+    url: str, status: int = 200, timeout: float = 90.0, process: subprocess.Popen | None = None, log: Path | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -95,8 +96,9 @@ def service_environment(**overrides: str) -> dict[str, str]:
 
 
 def run_cli(*args: str, env: dict[str, str], input: str | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hokusai.cli", *args], env=env, capture_output=True, text=True,
-                          timeout=120, input=input)
+    return subprocess.run(
+        [sys.executable, "-m", "hokusai.cli", *args], env=env, capture_output=True, text=True, timeout=120, input=input
+    )
 
 
 @dataclass
@@ -115,8 +117,13 @@ class ServiceFactory:
         env = service_environment(**overrides)
         log_path = home / "service.log"
         with open(log_path, "wb") as out:
-            process = subprocess.Popen([sys.executable, "-m", "hokusai.cli", "serve"], env=env, stdout=out,
-                                       stderr=subprocess.STDOUT, start_new_session=True)
+            process = subprocess.Popen(
+                [sys.executable, "-m", "hokusai.cli", "serve"],
+                env=env,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         service = ServiceProcess(f"http://127.0.0.1:{port}", home, log_path, process, env, admin_key)
         self.started.append(service)
         path = {"ready": "/ready", "live": "/live"}[wait_until]
@@ -126,5 +133,3 @@ class ServiceFactory:
     def stop_all(self) -> None:
         for service in self.started:
             service.stop()
-
-

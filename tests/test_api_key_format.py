@@ -35,14 +35,23 @@ def test_every_single_character_typo_is_caught_offline():
     for position in range(len("hk_live_"), len(key)):
         for replacement in alphabet:
             if replacement != key[position]:
-                typo = key[:position] + replacement + key[position + 1:]
+                typo = key[:position] + replacement + key[position + 1 :]
                 assert not is_well_formed(typo), (position, replacement)
 
 
-@pytest.mark.parametrize("candidate", [
-    "", "hk_live_", "sk_live_" + "a" * 38, "hk_prod_" + "a" * 38, "hk_live_" + "a" * 37, "hk_live_" + "a" * 39,
-    "hk_live_" + "a" * 37 + "!", "Bearer hk_live_" + "a" * 38,
-])
+@pytest.mark.parametrize(
+    "candidate",
+    [
+        "",
+        "hk_live_",
+        "sk_live_" + "a" * 38,
+        "hk_prod_" + "a" * 38,
+        "hk_live_" + "a" * 37,
+        "hk_live_" + "a" * 39,
+        "hk_live_" + "a" * 37 + "!",
+        "Bearer hk_live_" + "a" * 38,
+    ],
+)
 def test_malformed_candidates_are_refused(candidate):
     assert not is_well_formed(candidate)
 

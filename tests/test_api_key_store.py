@@ -43,8 +43,9 @@ async def test_migrations_create_the_schema_and_are_idempotent(database_settings
 
 
 async def test_create_find_list_revoke(store):
-    created = await store.create("ci", {Scope.READ, Scope.WRITE}, rate_limit_per_hour=10,
-                                 expires_in=timedelta(days=1), kind="test")
+    created = await store.create(
+        "ci", {Scope.READ, Scope.WRITE}, rate_limit_per_hour=10, expires_in=timedelta(days=1), kind="test"
+    )
     assert created.key.startswith("hk_test_")
     info = await store.find_by_hash(hash_api_key(created.key))
     assert info == created.info
@@ -59,13 +60,16 @@ async def test_create_find_list_revoke(store):
         await store.revoke("key_missing")
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"name": " ", "scopes": {Scope.READ}},
-    {"name": "x", "scopes": set()},
-    {"name": "x", "scopes": {Scope.READ}, "rate_limit_per_hour": 0},
-    {"name": "x", "scopes": {Scope.READ}, "expires_in": timedelta(seconds=-1)},
-    {"name": "x", "scopes": {Scope.READ}, "key": "hk_live_nope"},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"name": " ", "scopes": {Scope.READ}},
+        {"name": "x", "scopes": set()},
+        {"name": "x", "scopes": {Scope.READ}, "rate_limit_per_hour": 0},
+        {"name": "x", "scopes": {Scope.READ}, "expires_in": timedelta(seconds=-1)},
+        {"name": "x", "scopes": {Scope.READ}, "key": "hk_live_nope"},
+    ],
+)
 async def test_invalid_keys_are_refused_and_nothing_is_stored(store, kwargs):
     with pytest.raises(InvalidRequest):
         await store.create(**kwargs)

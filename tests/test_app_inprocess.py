@@ -21,8 +21,10 @@ PUBLIC_ROUTES = {"/health", "/ready", "/live", "/version", "/metrics"}
 @pytest.fixture
 async def app_and_client(tmp_path, mlflow_server):
     admin_keys = []
-    app = create_app(Settings(home=tmp_path, mlflow_url=mlflow_server.url),
-                     announce_admin_key=lambda key, _path: admin_keys.append(key))
+    app = create_app(
+        Settings(home=tmp_path, mlflow_url=mlflow_server.url),
+        announce_admin_key=lambda key, _path: admin_keys.append(key),
+    )
 
     async def explode():
         raise RuntimeError("secret internals")
@@ -71,8 +73,9 @@ async def test_unexpected_errors_are_500_without_internals_and_logged_with_the_r
 
 async def test_validation_errors_keep_the_reference_shape(app_and_client):
     _, client, admin_keys = app_and_client
-    response = await client.post("/api/v1/keys", json={"scopes": ["read"]},
-                                 headers={"Authorization": f"Bearer {admin_keys[0]}"})
+    response = await client.post(
+        "/api/v1/keys", json={"scopes": ["read"]}, headers={"Authorization": f"Bearer {admin_keys[0]}"}
+    )
     assert response.status_code == 422
     detail = response.json()["detail"]
     assert detail[0]["loc"] == ["body", "name"] and "msg" in detail[0] and "type" in detail[0]

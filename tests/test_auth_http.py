@@ -127,8 +127,9 @@ def test_expired_key_is_refused(service):
 
 
 def test_key_management_over_http(service, admin_client):
-    response = admin_client.post(KEYS_URL, json={"name": "ci", "scopes": ["read", "write"],
-                                                 "rate_limit_per_hour": 50, "expires_in_days": 7})
+    response = admin_client.post(
+        KEYS_URL, json={"name": "ci", "scopes": ["read", "write"], "rate_limit_per_hour": 50, "expires_in_days": 7}
+    )
     assert response.status_code == 201
     created = response.json()
     assert created["key"].startswith("hk_live_") and created["prefix"] == created["key"][:12]
@@ -147,14 +148,17 @@ def test_key_management_over_http(service, admin_client):
     assert any(item["id"] == created["id"] for item in listed)
 
 
-@pytest.mark.parametrize("body", [
-    {"name": ""},
-    {"name": "x", "scopes": ["root"]},
-    {"name": "x", "scopes": []},
-    {"name": "x", "rate_limit_per_hour": 0},
-    {"name": "x", "expires_in_days": 0},
-    {},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"name": ""},
+        {"name": "x", "scopes": ["root"]},
+        {"name": "x", "scopes": []},
+        {"name": "x", "rate_limit_per_hour": 0},
+        {"name": "x", "expires_in_days": 0},
+        {},
+    ],
+)
 def test_invalid_key_requests_are_422(admin_client, body):
     response = admin_client.post(KEYS_URL, json=body)
     assert response.status_code == 422

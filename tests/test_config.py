@@ -26,15 +26,18 @@ def test_postgres_urls_use_psycopg_for_both_engines(url):
     assert settings.database_kind == "postgresql"
 
 
-@pytest.mark.parametrize(("variable", "value"), [
-    ("HOKUSAI_PORT", "eighty"),
-    ("HOKUSAI_PORT", "70000"),
-    ("HOKUSAI_DATABASE_URL", "mysql://root@localhost/db"),
-    ("HOKUSAI_MLFLOW_URL", "not a url"),
-    ("HOKUSAI_REDIS_URL", "http://localhost:6379"),
-    ("HOKUSAI_ENVIRONMENT", "moon"),
-    ("HOKUSAI_MLFLOW_TIMEOUT", "-1"),
-])
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("HOKUSAI_PORT", "eighty"),
+        ("HOKUSAI_PORT", "70000"),
+        ("HOKUSAI_DATABASE_URL", "mysql://root@localhost/db"),
+        ("HOKUSAI_MLFLOW_URL", "not a url"),
+        ("HOKUSAI_REDIS_URL", "http://localhost:6379"),
+        ("HOKUSAI_ENVIRONMENT", "moon"),
+        ("HOKUSAI_MLFLOW_TIMEOUT", "-1"),
+    ],
+)
 def test_bad_value_names_the_variable(monkeypatch, variable, value):
     monkeypatch.setenv(variable, value)
     with pytest.raises(ConfigurationError) as raised:

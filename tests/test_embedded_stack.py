@@ -19,8 +19,11 @@ pytestmark = pytest.mark.slow
 
 
 def mlflow_children(service_pid: int) -> list[psutil.Process]:
-    return [p for p in psutil.Process(service_pid).children(recursive=True)
-            if "hokusai.server.mlflow.launcher" in " ".join(p.cmdline())]
+    return [
+        p
+        for p in psutil.Process(service_pid).children(recursive=True)
+        if "hokusai.server.mlflow.launcher" in " ".join(p.cmdline())
+    ]
 
 
 def wait_until(predicate, timeout: float, what: str):
@@ -40,8 +43,13 @@ def embedded_service(tmp_path_factory):
     env = service_environment(HOKUSAI_HOME=str(home), HOKUSAI_PORT=str(port))
     log_path = home / "service.log"
     with open(log_path, "wb") as out:
-        process = subprocess.Popen([sys.executable, "-m", "hokusai.cli", "serve"], env=env, stdout=out,
-                                   stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            [sys.executable, "-m", "hokusai.cli", "serve"],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base_url = f"http://127.0.0.1:{port}"
     wait_for_status(f"{base_url}/ready", 200, timeout=120, process=process, log=log_path)
     yield {"base_url": base_url, "home": home, "process": process, "log_path": log_path}
@@ -82,8 +90,13 @@ def test_ready_is_503_while_mlflow_is_down_and_the_child_is_restarted(embedded_s
 def test_stopping_the_service_stops_mlflow(tmp_path):
     port = free_loopback_port()
     env = service_environment(HOKUSAI_HOME=str(tmp_path), HOKUSAI_PORT=str(port))
-    process = subprocess.Popen([sys.executable, "-m", "hokusai.cli", "serve"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hokusai.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: mlflow_children(process.pid), 60, "the MLflow child to start")
         [child] = mlflow_children(process.pid)
@@ -100,8 +113,13 @@ def test_mlflow_dies_with_a_killed_service(tmp_path):
     """Even SIGKILL of the service (no chance to clean up) takes the MLflow child down with it."""
     port = free_loopback_port()
     env = service_environment(HOKUSAI_HOME=str(tmp_path), HOKUSAI_PORT=str(port))
-    process = subprocess.Popen([sys.executable, "-m", "hokusai.cli", "serve"], env=env, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL, start_new_session=True)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hokusai.cli", "serve"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_until(lambda: mlflow_children(process.pid), 60, "the MLflow child to start")
         [child] = mlflow_children(process.pid)

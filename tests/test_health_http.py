@@ -28,8 +28,13 @@ def test_health_shape_and_real_values(client):
     body = client.get("/health").json()
     assert body["status"] == "healthy"
     assert body["version"] == "0.1.0"
-    assert body["services"] == {"mlflow": "healthy", "database": "healthy", "postgres": "disabled",
-                                "redis": "disabled", "message_queue": "disabled"}
+    assert body["services"] == {
+        "mlflow": "healthy",
+        "database": "healthy",
+        "postgres": "disabled",
+        "redis": "disabled",
+        "message_queue": "disabled",
+    }
     stamp = datetime.strptime(body["timestamp"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
     assert abs((datetime.now(UTC) - stamp).total_seconds()) < 60
 
@@ -40,7 +45,9 @@ def test_ready_lists_critical_checks(client):
     body = response.json()
     assert body["ready"] is True and body["can_serve_traffic"] is True and body["degraded_mode"] is False
     assert {(c["name"], c["passed"], c["critical"], c["error"]) for c in body["checks"]} == {
-        ("database", True, True, None), ("mlflow", True, True, None)}
+        ("database", True, True, None),
+        ("mlflow", True, True, None),
+    }
 
 
 def test_live_reports_uptime_and_memory(client):

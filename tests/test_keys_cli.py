@@ -10,8 +10,19 @@ from tests.support import run_cli, service_environment
 
 
 def test_create_list_revoke_round_trip(service):
-    created = service.cli("keys", "create", "--name", "cli key", "--scopes", "read,write",
-                          "--rate-limit-per-hour", "100", "--expires-in-days", "30", "--json")
+    created = service.cli(
+        "keys",
+        "create",
+        "--name",
+        "cli key",
+        "--scopes",
+        "read,write",
+        "--rate-limit-per-hour",
+        "100",
+        "--expires-in-days",
+        "30",
+        "--json",
+    )
     assert created.returncode == 0, created.stderr
     body = json.loads(created.stdout)
     assert {"id", "key", "prefix", "scopes", "rate_limit_per_hour", "expires_at"} <= body.keys()

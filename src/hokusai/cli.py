@@ -17,10 +17,14 @@ import typer
 if TYPE_CHECKING:
     from hokusai.server.config import Settings
 
-app = typer.Typer(help="Hokusai Registry: model registry, MLflow gateway and DSPy execution API.",
-                  no_args_is_help=True, pretty_exceptions_show_locals=False)
-keys_app = typer.Typer(help="Create, list and revoke API keys (operates on the database directly).",
-                       no_args_is_help=True)
+app = typer.Typer(
+    help="Hokusai Registry: model registry, MLflow gateway and DSPy execution API.",
+    no_args_is_help=True,
+    pretty_exceptions_show_locals=False,
+)
+keys_app = typer.Typer(
+    help="Create, list and revoke API keys (operates on the database directly).", no_args_is_help=True
+)
 db_app = typer.Typer(help="The service database.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
@@ -55,8 +59,14 @@ def serve(
     from hokusai.server.logs import configure_logging
 
     configure_logging(settings.log_level)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_config=None,
-                access_log=False, proxy_headers=False)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,
+        access_log=False,
+        proxy_headers=False,
+    )
 
 
 def _with_store(work: Any) -> Any:
@@ -126,8 +136,10 @@ def keys_list(as_json: bool = typer.Option(False, "--json", help="Print a JSON a
         return
     for view in views:
         state = "revoked" if view["revoked_at"] else "active"
-        typer.echo(f"{view['id']}  {view['prefix']}...  {view['name']}  [{','.join(view['scopes'])}]  {state}"
-                   f"  expires {view['expires_at'] or 'never'}  last used {view['last_used_at'] or 'never'}")
+        typer.echo(
+            f"{view['id']}  {view['prefix']}...  {view['name']}  [{','.join(view['scopes'])}]  {state}"
+            f"  expires {view['expires_at'] or 'never'}  last used {view['last_used_at'] or 'never'}"
+        )
 
 
 @keys_app.command("revoke")

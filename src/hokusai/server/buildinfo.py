@@ -43,6 +43,9 @@ def _from_source_checkout(*git_args: str) -> str | None:
 def _git(*args: str) -> str | None:
     result = subprocess.run(  # noqa: S603 - fixed arguments, no shell
         ["git", "-C", str(_PACKAGE_DIR), *args],  # noqa: S607
-        capture_output=True, text=True, timeout=5, check=False,
+        capture_output=True,
+        text=True,
+        timeout=5,
+        check=False,
     )
     return result.stdout.strip() or None if result.returncode == 0 else None

@@ -28,7 +28,9 @@ class Settings(BaseSettings):
     environment: Literal["development", "test", "staging", "production"] = "development"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    database_url: str | None = Field(None, description="sqlite:/// or postgresql+psycopg:// URL; default sqlite in HOME")
+    database_url: str | None = Field(
+        None, description="sqlite:/// or postgresql+psycopg:// URL; default: SQLite in HOME"
+    )
     redis_url: RedisDsn | None = None
 
     mlflow_url: AnyHttpUrl | None = Field(None, description="External MLflow server; unset starts an embedded one")

@@ -8,11 +8,13 @@ KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPT
 UNMATCHED_ROUTE = "unmatched"
 
 HTTP_REQUESTS = Counter(
-    "http_requests_total", "HTTP requests served, by route template, method and status class",
+    "http_requests_total",
+    "HTTP requests served, by route template, method and status class",
     ["route", "method", "status"],
 )
 HTTP_REQUEST_DURATION = Histogram(
-    "http_request_duration_seconds", "Time to serve an HTTP request, by route template and method",
+    "http_request_duration_seconds",
+    "Time to serve an HTTP request, by route template and method",
     ["route", "method"],
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0),
 )

@@ -77,9 +77,11 @@ class RequestContextMiddleware:
 
 async def _send_internal_error(send: Send) -> None:
     body = json.dumps({"detail": INTERNAL_ERROR_DETAIL}).encode()
-    await send({
-        "type": "http.response.start",
-        "status": 500,
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-    })
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 500,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

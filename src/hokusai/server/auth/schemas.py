@@ -31,10 +31,15 @@ class ApiKeyView(BaseModel):
     @classmethod
     def of(cls, info: ApiKeyInfo) -> ApiKeyView:
         return cls(
-            id=info.id, name=info.name, prefix=info.prefix,
+            id=info.id,
+            name=info.name,
+            prefix=info.prefix,
             scopes=sorted(info.scopes, key=lambda s: s.rank),
-            rate_limit_per_hour=info.rate_limit_per_hour, created_at=info.created_at,
-            expires_at=info.expires_at, last_used_at=info.last_used_at, revoked_at=info.revoked_at,
+            rate_limit_per_hour=info.rate_limit_per_hour,
+            created_at=info.created_at,
+            expires_at=info.expires_at,
+            last_used_at=info.last_used_at,
+            revoked_at=info.revoked_at,
         )
 
 

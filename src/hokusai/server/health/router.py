@@ -60,8 +60,9 @@ async def live(request: Request) -> LivenessBody:
 @router.get("/version", response_model=VersionBody)
 async def version(request: Request) -> VersionBody:
     build = get_runtime(request).build
-    return VersionBody(version=build.version, build_date=build.build_date, git_commit=build.git_commit,
-                       api_version=API_VERSION)
+    return VersionBody(
+        version=build.version, build_date=build.build_date, git_commit=build.git_commit, api_version=API_VERSION
+    )
 
 
 @router.get("/metrics", response_class=Response)

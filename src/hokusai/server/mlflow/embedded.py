@@ -32,11 +32,17 @@ def free_loopback_port(host: str = "127.0.0.1") -> int:
 def embedded_mlflow_command(home: Path, host: str, port: int) -> list[str]:
     home = home.resolve()
     return [
-        sys.executable, "-m", "hokusai.server.mlflow.launcher",
-        "--backend-store-uri", f"sqlite:///{home / 'mlflow.db'}",
-        "--artifacts-destination", str(home / "mlartifacts"),
-        "--host", host,
-        "--port", str(port),
+        sys.executable,
+        "-m",
+        "hokusai.server.mlflow.launcher",
+        "--backend-store-uri",
+        f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(home / "mlartifacts"),
+        "--host",
+        host,
+        "--port",
+        str(port),
     ]
 
 
@@ -91,7 +97,10 @@ class EmbeddedMlflow:
                 delay = INITIAL_RESTART_DELAY
             logger.warning(
                 "Embedded MLflow exited with code %s after %.0fs; restarting in %.1fs (see %s)",
-                code, ran_for, delay, self.log_path,
+                code,
+                ran_for,
+                delay,
+                self.log_path,
             )
             await asyncio.sleep(delay)
             delay = min(delay * 2, MAX_RESTART_DELAY)
