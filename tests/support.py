@@ -133,3 +133,64 @@ class ServiceFactory:
     def stop_all(self) -> None:
         for service in self.started:
             service.stop()
+
+
+@dataclass
+class RecordedRequest:
+    method: str
+    path: str
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((value for key, value in self.headers if key.lower() == name.lower()), None)
+
+
+class RecordingUpstream:
+    """A stand-in for MLflow that records every request reaching it.
+
+    Only for what a real MLflow cannot show: which headers arrive upstream, and an upstream that hangs.
+    """
+
+    def __init__(self, delay_seconds: float = 0.0) -> None:
+        import http.server
+        import json
+        import threading
+
+        recorder = self
+        self.requests: list[RecordedRequest] = []
+        self.delay_seconds = delay_seconds
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _serve(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                recorder.requests.append(RecordedRequest(self.command, self.path, list(self.headers.items()), body))
+                if self.path.startswith("/slow"):
+                    time.sleep(recorder.delay_seconds)
+                payload = b"OK" if self.path == "/health" else json.dumps({"path": self.path}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _serve
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self._thread.start()
+
+    def paths(self) -> list[str]:
+        return [request.path for request in self.requests]
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

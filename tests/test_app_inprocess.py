@@ -15,7 +15,21 @@ from hokusai.server.logs import RequestContextFilter
 pytestmark = pytest.mark.anyio
 
 # Exact paths, not prefixes: these are the only routes served without a key.
-PUBLIC_ROUTES = {"/health", "/ready", "/live", "/version", "/metrics"}
+PUBLIC_ROUTES = {
+    "/health",
+    "/ready",
+    "/live",
+    "/version",
+    "/metrics",
+    # the read-only MLflow health family (monitoring probes; POST /health/mlflow/reset needs an admin key)
+    "/health/mlflow",
+    "/health/status",
+    "/mlflow/health/mlflow",
+    "/mlflow/health/mlflow/detailed",
+    "/api/health/mlflow",
+    "/api/health/mlflow/detailed",
+    "/api/health/mlflow/connectivity",
+}
 
 
 @pytest.fixture
@@ -40,10 +54,10 @@ async def test_every_route_but_the_public_ones_requires_a_key(app_and_client):
     _, client, _ = app_and_client
     schema = (await client.get("/openapi.json")).json()
     operations = [(method.upper(), path) for path, item in schema["paths"].items() for method in item]
-    assert ("GET", "/api/v1/keys") in operations
+    assert ("GET", "/api/v1/keys") in operations and ("POST", "/health/mlflow/reset") in operations
     for method, path in operations:
         response = await client.request(method, re.sub(r"\{[^}]+\}", "x", path))
-        if path in PUBLIC_ROUTES:
+        if path in PUBLIC_ROUTES and method == "GET":
             assert response.status_code == 200, path
         else:
             assert response.status_code == 401, (method, path)

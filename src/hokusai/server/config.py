@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AnyHttpUrl, Field, RedisDsn, SecretStr, ValidationError, field_validator
+from pydantic import AnyHttpUrl, Field, RedisDsn, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 ENV_PREFIX = "HOKUSAI_"
-_SECRET_FIELDS = {"bootstrap_admin_key"}
+_SECRET_FIELDS = {"bootstrap_admin_key", "mlflow_token", "mlflow_password"}
 
 
 class ConfigurationError(Exception):
@@ -36,7 +36,16 @@ class Settings(BaseSettings):
     mlflow_url: AnyHttpUrl | None = Field(None, description="External MLflow server; unset starts an embedded one")
     mlflow_port: int = Field(0, ge=0, le=65535, description="Loopback port of the embedded MLflow; 0 picks a free one")
     mlflow_timeout: float = Field(30.0, gt=0, description="Seconds for one call to MLflow")
-    mlflow_startup_timeout: float = Field(120.0, gt=0)
+    mlflow_token: SecretStr | None = Field(None, description="Bearer token sent to an MLflow that has its own auth")
+    mlflow_username: str | None = Field(None, description="Basic-auth user for an MLflow that has its own auth")
+    mlflow_password: SecretStr | None = None
+    mlflow_keepalive: bool = Field(True, description="Reuse upstream connections; false for multi-worker uvicorn")
+
+    breaker_failure_threshold: int = Field(5, ge=1, description="Consecutive MLflow failures that open the breaker")
+    breaker_recovery_timeout: float = Field(10.0, gt=0, description="Seconds open before the first probe")
+    breaker_max_recovery_timeout: float = Field(300.0, gt=0, description="Cap of the doubling recovery timeout")
+    breaker_half_open_max_calls: int = Field(1, ge=1, description="Probes allowed at once while half-open")
+    breaker_success_threshold: int = Field(2, ge=1, description="Successful probes that close the breaker")
 
     bootstrap_admin_key: SecretStr | None = None
     auth_cache_ttl: float = Field(5.0, ge=0, description="Seconds a validated key is trusted without a database read")
@@ -77,6 +86,14 @@ class Settings(BaseSettings):
     def database_kind(self) -> Literal["sqlite", "postgresql"]:
         return "sqlite" if self.database_dsn.startswith("sqlite") else "postgresql"
 
+    @model_validator(mode="after")
+    def _one_kind_of_upstream_auth(self) -> Settings:
+        if self.mlflow_token and (self.mlflow_username or self.mlflow_password):
+            raise ValueError("mlflow_token: set either a token or a username/password for MLflow, not both")
+        if bool(self.mlflow_username) != bool(self.mlflow_password):
+            raise ValueError("mlflow_username: MLflow basic auth needs both a username and a password")
+        return self
+
     @property
     def embedded_mlflow(self) -> bool:
         return self.mlflow_url is None
@@ -92,6 +109,10 @@ def load_settings(**overrides: object) -> Settings:
         return Settings(**overrides)
     except ValidationError as exc:
         first = exc.errors()[0]
-        field = str(first["loc"][0]) if first["loc"] else "?"
-        shown = "" if field in _SECRET_FIELDS else f" (got {first.get('input')!r})"
-        raise ConfigurationError(f"{ENV_PREFIX}{field.upper()}: {first['msg']}{shown}") from None
+        if first["loc"]:
+            field, message = str(first["loc"][0]), first["msg"]
+            shown = "" if field in _SECRET_FIELDS else f" (got {first.get('input')!r})"
+        else:  # a check across fields names its field first: "mlflow_token: ..."
+            field, _, message = str(first["msg"]).removeprefix("Value error, ").partition(": ")
+            shown = ""
+        raise ConfigurationError(f"{ENV_PREFIX}{field.upper()}: {message}{shown}") from None

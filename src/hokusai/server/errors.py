@@ -63,9 +63,29 @@ def error_response(status_code: int, detail: object, headers: dict[str, str] | N
     return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
 
 
-async def _hokusai_error_handler(_request: Request, exc: Exception) -> JSONResponse:
+# The stock mlflow client reads `error_code` and `message` from an error body and shows nothing else, so errors
+# on the gateway carry those too (beside `detail`): the client then says "UNAUTHENTICATED: API key required"
+# rather than "INTERNAL_ERROR: Response: {...}".
+MLFLOW_GATEWAY_PREFIXES = ("/mlflow/", "/api/mlflow/")
+MLFLOW_ERROR_CODES = {
+    400: "INVALID_PARAMETER_VALUE",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "RESOURCE_DOES_NOT_EXIST",
+    429: "REQUEST_LIMIT_EXCEEDED",
+    502: "TEMPORARILY_UNAVAILABLE",
+    503: "TEMPORARILY_UNAVAILABLE",
+    504: "TEMPORARILY_UNAVAILABLE",
+}
+
+
+async def _hokusai_error_handler(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HokusaiError)
-    return error_response(exc.status_code, exc.detail, exc.headers)
+    body: dict[str, object] = {"detail": exc.detail}
+    if request.url.path.startswith(MLFLOW_GATEWAY_PREFIXES):
+        body["error_code"] = MLFLOW_ERROR_CODES.get(exc.status_code, "INTERNAL_ERROR")
+        body["message"] = exc.detail
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from typing import TYPE_CHECKING
+
+from prometheus_client import Counter, Gauge, Histogram
+
+if TYPE_CHECKING:
+    from hokusai.server.mlflow.breaker import CircuitBreaker
 
 KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 UNMATCHED_ROUTE = "unmatched"
@@ -24,3 +29,26 @@ def observe_request(route: str, method: str, status: int, seconds: float) -> Non
     method_label = method if method in KNOWN_METHODS else "OTHER"
     HTTP_REQUESTS.labels(route=route, method=method_label, status=f"{status // 100}xx").inc()
     HTTP_REQUEST_DURATION.labels(route=route, method=method_label).observe(seconds)
+
+
+MLFLOW_BREAKER_STATE = Gauge(
+    "mlflow_circuit_breaker_state", "State of the MLflow circuit breaker: 0 closed, 1 half-open, 2 open"
+)
+MLFLOW_BREAKER_TRANSITIONS = Counter(
+    "mlflow_circuit_breaker_transitions_total",
+    "State changes of the MLflow circuit breaker",
+    ["from_state", "to_state"],
+)
+MLFLOW_BREAKER_CONSECUTIVE_FAILURES = Gauge(
+    "mlflow_circuit_breaker_consecutive_failures", "Consecutive failed calls to MLflow"
+)
+_STATE_VALUES = {"CLOSED": 0, "HALF_OPEN": 1, "OPEN": 2}
+
+
+def track_breaker(breaker: CircuitBreaker) -> None:
+    """Export a breaker's state (read on scrape, so an elapsed recovery timeout shows) and its transitions."""
+    MLFLOW_BREAKER_STATE.set_function(lambda: _STATE_VALUES[breaker.state.value])
+    MLFLOW_BREAKER_CONSECUTIVE_FAILURES.set_function(lambda: breaker.snapshot().failure_count)
+    breaker.add_listener(
+        lambda old, new: MLFLOW_BREAKER_TRANSITIONS.labels(from_state=old.value, to_state=new.value).inc()
+    )

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import anyio
+import httpx
 from fastapi import Request
 from redis.asyncio import Redis
 
@@ -16,6 +17,8 @@ from hokusai.server.auth.store import ApiKeyStore
 from hokusai.server.buildinfo import BuildInfo, read_build_info
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, run_migrations
+from hokusai.server.metrics import track_breaker
+from hokusai.server.mlflow.breaker import CircuitBreaker
 from hokusai.server.mlflow.embedded import EmbeddedMlflow
 from hokusai.server.mlflow.upstream import MlflowUpstream
 
@@ -62,7 +65,13 @@ class Runtime:
             settings=settings,
             database=database,
             api_keys=ApiKeyService(store, settings.auth_cache_ttl),
-            mlflow=MlflowUpstream(mlflow_url, settings.mlflow_timeout),
+            mlflow=MlflowUpstream(
+                mlflow_url,
+                settings.mlflow_timeout,
+                breaker=build_breaker(settings),
+                auth=upstream_auth(settings),
+                keepalive=settings.mlflow_keepalive,
+            ),
             embedded_mlflow=embedded,
             redis=redis,
             build=await anyio.to_thread.run_sync(read_build_info, settings),
@@ -80,6 +89,36 @@ class Runtime:
     @property
     def uptime_seconds(self) -> float:
         return time.monotonic() - self.started_at
+
+
+def build_breaker(settings: Settings) -> CircuitBreaker:
+    breaker = CircuitBreaker(
+        failure_threshold=settings.breaker_failure_threshold,
+        recovery_timeout=settings.breaker_recovery_timeout,
+        max_recovery_timeout=settings.breaker_max_recovery_timeout,
+        half_open_max_calls=settings.breaker_half_open_max_calls,
+        success_threshold=settings.breaker_success_threshold,
+    )
+    track_breaker(breaker)
+    return breaker
+
+
+def upstream_auth(settings: Settings) -> httpx.Auth | None:
+    """Credentials of the gateway itself, for an MLflow that runs its own auth (never the client's)."""
+    if settings.mlflow_token is not None:
+        return BearerAuth(settings.mlflow_token.get_secret_value())
+    if settings.mlflow_username and settings.mlflow_password:
+        return httpx.BasicAuth(settings.mlflow_username, settings.mlflow_password.get_secret_value())
+    return None
+
+
+class BearerAuth(httpx.Auth):
+    def __init__(self, token: str) -> None:
+        self._header = f"Bearer {token}"
+
+    def auth_flow(self, request: httpx.Request):
+        request.headers["Authorization"] = self._header
+        yield request
 
 
 def get_runtime(request: Request) -> Runtime:

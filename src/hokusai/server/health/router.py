@@ -2,16 +2,35 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from datetime import UTC, datetime
 
 import psutil
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from hokusai.server.health.schemas import HealthBody, LivenessBody, ReadinessBody, ReadinessCheck, VersionBody
+from hokusai.server.auth.dependencies import require_scope
+from hokusai.server.auth.keys import Scope
+from hokusai.server.auth.store import ApiKeyInfo
+from hokusai.server.health.mlflow_checks import basic_checks, detailed_checks
+from hokusai.server.health.schemas import (
+    BreakerReset,
+    HealthBody,
+    LivenessBody,
+    MlflowConnectivity,
+    MlflowDetailedHealth,
+    MlflowHealth,
+    ReadinessBody,
+    ReadinessCheck,
+    VersionBody,
+)
 from hokusai.server.health.service import overall_status, run_checks, services_summary
+from hokusai.server.mlflow.breaker import BreakerState
 from hokusai.server.runtime import get_runtime
+
+logger = logging.getLogger(__name__)
 
 API_VERSION = "v1"
 
@@ -68,3 +87,129 @@ async def version(request: Request) -> VersionBody:
 @router.get("/metrics", response_class=Response)
 async def metrics() -> Response:
     return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+
+# --- MLflow connection and circuit breaker -------------------------------------------------------------------
+
+
+@router.get("/health/mlflow", responses={503: {"description": "MLflow unreachable or the breaker is open"}})
+async def mlflow_connection(request: Request) -> JSONResponse:
+    runtime = get_runtime(request)
+    state = runtime.mlflow.breaker.state
+    probe = await runtime.mlflow.probe("GET", "/health", runtime.settings.health_check_timeout)
+    body: dict = {"connected": probe.ok, "circuit_breaker_state": state.value}
+    healthy = probe.ok and state is not BreakerState.OPEN
+    if not healthy:
+        body["error"] = "MLflow server unavailable" if not probe.ok else "Circuit breaker is open"
+        body["detail"] = probe.error or "waiting for the recovery timeout before probing MLflow again"
+    body["timestamp"] = utc_timestamp()
+    return JSONResponse(body, status_code=200 if healthy else 503)
+
+
+@router.post("/health/mlflow/reset", response_model=BreakerReset)
+async def reset_breaker(request: Request, key: ApiKeyInfo = Depends(require_scope(Scope.ADMIN))) -> BreakerReset:
+    get_runtime(request).mlflow.breaker.reset()
+    logger.warning("MLflow circuit breaker reset by API key %s", key.id)
+    return BreakerReset(
+        message="Circuit breaker reset successfully", timestamp=utc_timestamp(), reset_by="manual_api_call"
+    )
+
+
+@router.get("/health/status")
+async def service_status(request: Request) -> dict:
+    runtime = get_runtime(request)
+    results = await run_checks(runtime)
+    summary = services_summary(results, runtime.settings.database_kind)
+    breaker = runtime.mlflow.breaker.snapshot()
+    memory = psutil.virtual_memory()
+    return {
+        "timestamp": utc_timestamp(),
+        "api_version": runtime.build.version,
+        "service_name": "hokusai-registry",
+        "overall_health": overall_status(results),
+        "services": summary,
+        "mlflow": {
+            "server": runtime.mlflow.base_url,
+            "embedded": runtime.embedded_mlflow is not None,
+            "status": {"connected": summary["mlflow"] == "healthy", "circuit_breaker_state": breaker.state.value},
+            "circuit_breaker": {
+                "state": breaker.state.value,
+                "failure_count": breaker.failure_count,
+                "last_failure_time": breaker.last_failure_time.isoformat() if breaker.last_failure_time else None,
+                "recovery_timeout_seconds": breaker.recovery_timeout,
+                "seconds_until_probe": breaker.seconds_until_probe,
+                "times_opened": breaker.times_opened,
+            },
+        },
+        "system_info": {
+            # System-wide CPU use since the previous call (primed at import), memory in use.
+            "cpu_percent": psutil.cpu_percent(interval=None),
+            "memory_percent": memory.percent,
+            "process_memory_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
+        },
+        "uptime_seconds": round(runtime.uptime_seconds, 3),
+        "environment": runtime.settings.environment,
+    }
+
+
+psutil.cpu_percent(interval=None)  # the first reading only sets the baseline
+
+
+# --- MLflow health family: probes that report, around the breaker ------------------------------------------
+
+
+async def _mlflow_health(request: Request) -> JSONResponse:
+    runtime = get_runtime(request)
+    checks = await basic_checks(runtime.mlflow, runtime.settings.health_check_timeout)
+    healthy = all(check["status"] == "healthy" for check in checks.values())
+    body = MlflowHealth(
+        status="healthy" if healthy else "unhealthy", mlflow_server=runtime.mlflow.base_url, checks=checks
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)
+
+
+async def _mlflow_detailed(request: Request) -> MlflowDetailedHealth:
+    runtime = get_runtime(request)
+    tests = await detailed_checks(runtime.mlflow, runtime.settings.health_check_timeout)
+    artifacts = next(test for test in tests if test["endpoint"] == "artifacts_list")
+    return MlflowDetailedHealth(
+        mlflow_server=runtime.mlflow.base_url,
+        timestamp=time.strftime("%a %b %e %H:%M:%S UTC %Y", time.gmtime()),
+        environment={
+            "MLFLOW_SERVER_URL": runtime.mlflow.base_url,
+            # Observed, not configured: whether the server answered the artifacts API just now.
+            "MLFLOW_SERVE_ARTIFACTS": "true" if artifacts["success"] else "false",
+            "PROXY_DEBUG": logger.isEnabledFor(logging.DEBUG),
+        },
+        tests=tests,
+        overall_health=all(test["success"] for test in tests),
+    )
+
+
+async def _mlflow_connectivity(request: Request) -> MlflowConnectivity:
+    runtime = get_runtime(request)
+    probe = await runtime.mlflow.probe("GET", "/health", runtime.settings.health_check_timeout)
+    status = "connected" if probe.ok else "timeout" if probe.timed_out else "error"
+    return MlflowConnectivity(
+        status=status,
+        mlflow_server=runtime.mlflow.base_url,
+        response_code=probe.status_code,
+        response_time_ms=probe.response_time_ms,
+        error=probe.error,
+    )
+
+
+for _prefix in ("/mlflow", "/api"):
+    router.add_api_route(
+        f"{_prefix}/health/mlflow",
+        _mlflow_health,
+        methods=["GET"],
+        response_model=MlflowHealth,
+        responses={503: {"model": MlflowHealth}},
+    )
+    router.add_api_route(
+        f"{_prefix}/health/mlflow/detailed", _mlflow_detailed, methods=["GET"], response_model=MlflowDetailedHealth
+    )
+router.add_api_route(
+    "/api/health/mlflow/connectivity", _mlflow_connectivity, methods=["GET"], response_model=MlflowConnectivity
+)

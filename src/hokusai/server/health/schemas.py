@@ -37,3 +37,41 @@ class VersionBody(BaseModel):
     build_date: str
     git_commit: str
     api_version: str
+
+
+class BreakerReset(BaseModel):
+    message: str
+    timestamp: str
+    reset_by: str
+
+
+class MlflowHealth(BaseModel):
+    status: str
+    mlflow_server: str
+    checks: dict[str, dict[str, str]]
+
+
+class MlflowProbe(BaseModel):
+    endpoint: str
+    url: str
+    method: str
+    status_code: int | None
+    success: bool
+    response_time_ms: float
+    error: str | None
+
+
+class MlflowDetailedHealth(BaseModel):
+    mlflow_server: str
+    timestamp: str
+    environment: dict[str, str | bool]
+    tests: list[MlflowProbe]
+    overall_health: bool
+
+
+class MlflowConnectivity(BaseModel):
+    status: str
+    mlflow_server: str
+    response_code: int | None
+    response_time_ms: float
+    error: str | None
