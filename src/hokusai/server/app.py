@@ -14,7 +14,7 @@ from hokusai.server.config import Settings, load_settings
 from hokusai.server.errors import install_error_handlers
 from hokusai.server.health.router import router as health_router
 from hokusai.server.middleware import RequestContextMiddleware
-from hokusai.server.mlflow.router import router as mlflow_gateway_router
+from hokusai.server.mlflow.proxy import MlflowGateway
 from hokusai.server.runtime import AdminKeyAnnouncer, Runtime
 
 
@@ -46,8 +46,8 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
         lifespan=lifespan,
     )
     install_error_handlers(app)
-    app.include_router(health_router)  # before the gateway: /mlflow/health/... is ours, not MLflow's
+    app.include_router(health_router)
     app.include_router(keys_router)
-    app.include_router(mlflow_gateway_router)
+    app.add_middleware(MlflowGateway)  # /mlflow/* and /api/mlflow/*, inside the request context below
     app.add_middleware(RequestContextMiddleware)
     return app

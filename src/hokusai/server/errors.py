@@ -7,8 +7,9 @@ with a bare 500.
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from starlette.requests import Request
 
 INTERNAL_ERROR_DETAIL = "Internal server error"
 
@@ -79,13 +80,17 @@ MLFLOW_ERROR_CODES = {
 }
 
 
-async def _hokusai_error_handler(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, HokusaiError)
+def error_response_for(request: Request, exc: HokusaiError) -> JSONResponse:
     body: dict[str, object] = {"detail": exc.detail}
     if request.url.path.startswith(MLFLOW_GATEWAY_PREFIXES):
         body["error_code"] = MLFLOW_ERROR_CODES.get(exc.status_code, "INTERNAL_ERROR")
         body["message"] = exc.detail
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+
+
+async def _hokusai_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HokusaiError)
+    return error_response_for(request, exc)
 
 
 def install_error_handlers(app: FastAPI) -> None:

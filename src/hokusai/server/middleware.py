@@ -5,11 +5,12 @@ Pure ASGI rather than BaseHTTPMiddleware so streamed bodies (the MLflow gateway)
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
+import secrets
 import time
-import uuid
 
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -25,6 +26,16 @@ REQUEST_ID_HEADER = "X-Request-ID"
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Dependencies append (name, value) pairs here; they are added to whatever response the route produces.
 RESPONSE_HEADERS_STATE_KEY = "response_headers"
+
+
+# A random per-process prefix and a counter: unique across processes, and no urandom call per request
+# (uuid4 showed up at ~4% of the gateway's CPU in a profile).
+_REQUEST_ID_PREFIX = secrets.token_hex(8)
+_request_counter = itertools.count(1)
+
+
+def new_request_id() -> str:
+    return f"{_REQUEST_ID_PREFIX}{next(_request_counter):016x}"
 
 
 def _incoming_request_id(scope: Scope) -> str | None:
@@ -43,7 +54,7 @@ class RequestContextMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = _incoming_request_id(scope) or uuid.uuid4().hex
+        request_id = _incoming_request_id(scope) or new_request_id()
         token = request_id_var.set(request_id)
         extra_headers: list[tuple[str, str]] = []
         scope.setdefault("state", {})[RESPONSE_HEADERS_STATE_KEY] = extra_headers

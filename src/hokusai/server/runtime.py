@@ -7,8 +7,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import aiohttp
 import anyio
-import httpx
 from fastapi import Request
 from redis.asyncio import Redis
 
@@ -69,7 +69,7 @@ class Runtime:
                 mlflow_url,
                 settings.mlflow_timeout,
                 breaker=build_breaker(settings),
-                auth=upstream_auth(settings),
+                authorization=upstream_authorization(settings),
                 keepalive=settings.mlflow_keepalive,
             ),
             embedded_mlflow=embedded,
@@ -103,22 +103,13 @@ def build_breaker(settings: Settings) -> CircuitBreaker:
     return breaker
 
 
-def upstream_auth(settings: Settings) -> httpx.Auth | None:
+def upstream_authorization(settings: Settings) -> str | None:
     """Credentials of the gateway itself, for an MLflow that runs its own auth (never the client's)."""
     if settings.mlflow_token is not None:
-        return BearerAuth(settings.mlflow_token.get_secret_value())
+        return f"Bearer {settings.mlflow_token.get_secret_value()}"
     if settings.mlflow_username and settings.mlflow_password:
-        return httpx.BasicAuth(settings.mlflow_username, settings.mlflow_password.get_secret_value())
+        return aiohttp.BasicAuth(settings.mlflow_username, settings.mlflow_password.get_secret_value()).encode()
     return None
-
-
-class BearerAuth(httpx.Auth):
-    def __init__(self, token: str) -> None:
-        self._header = f"Bearer {token}"
-
-    def auth_flow(self, request: httpx.Request):
-        request.headers["Authorization"] = self._header
-        yield request
 
 
 def get_runtime(request: Request) -> Runtime:
