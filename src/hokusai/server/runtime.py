@@ -70,7 +70,7 @@ class Runtime:
                 settings.mlflow_timeout,
                 breaker=build_breaker(settings),
                 authorization=upstream_authorization(settings),
-                keepalive=settings.mlflow_keepalive,
+                keepalive=settings.reuse_mlflow_connections,
             ),
             embedded_mlflow=embedded,
             redis=redis,
