@@ -33,7 +33,7 @@ from hokusai.server.mlflow.embedded import embedded_mlflow_command, free_loopbac
 SMALL_CALLS = 400
 WORKFLOW_ROUNDS = 3
 ARTIFACT_MB = 100
-ARTIFACT_ROUNDS = 3
+ARTIFACT_ROUNDS = 5
 
 
 def start_mlflow(home: Path) -> tuple[subprocess.Popen, str]:

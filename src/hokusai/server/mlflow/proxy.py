@@ -49,7 +49,7 @@ class GatewayRoute:
 
 # Bodies up to this size are read whole instead of streamed: bounded memory per request, fewer ASGI messages.
 SMALL_BODY_BYTES = 256 * 1024
-UPLOAD_CHUNK_BYTES = 1024 * 1024
+DOWNLOAD_CHUNK_BYTES = 1024 * 1024  # bounded: at most this much of a download is held per request
 
 ROUTES = {prefix: GatewayRoute(f"{prefix}/{{path:path}}") for prefix in GATEWAY_PREFIXES}
 
@@ -126,21 +126,7 @@ async def _body(request: Request) -> bytes | AsyncIterator[bytes] | None:
         return None
     if _declared_length(length) <= SMALL_BODY_BYTES:
         return await request.body()
-    return _coalesced(request.stream())
-
-
-async def _coalesced(chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """Regroup the server's small receive chunks (~64 KB) into ~1 MB writes upstream: fewer, larger sends."""
-    pending: list[bytes] = []
-    size = 0
-    async for chunk in chunks:
-        pending.append(chunk)
-        size += len(chunk)
-        if size >= UPLOAD_CHUNK_BYTES:
-            yield b"".join(pending)
-            pending, size = [], 0
-    if pending:
-        yield b"".join(pending)
+    return request.stream()
 
 
 def _declared_length(value: str | None) -> int:
@@ -151,7 +137,7 @@ def _declared_length(value: str | None) -> int:
 async def _relay(upstream_response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     """The upstream body as it arrives (still encoded as MLflow sent it); the connection is released either way."""
     try:
-        async for chunk in upstream_response.content.iter_any():
+        async for chunk in upstream_response.content.iter_chunked(DOWNLOAD_CHUNK_BYTES):
             yield chunk
     finally:
         upstream_response.release()

@@ -94,6 +94,7 @@ class MlflowUpstream:
             connector=aiohttp.TCPConnector(limit=200, force_close=not keepalive),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
             auto_decompress=False,  # bodies are relayed as MLflow encoded them
+            read_bufsize=2**20,  # large artifact reads in few, big chunks
             cookie_jar=aiohttp.DummyCookieJar(),  # one client serves every user: it must never remember cookies
         )
 
