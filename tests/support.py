@@ -171,11 +171,14 @@ class RecordingUpstream:
                 if self.path.startswith("/slow"):
                     time.sleep(recorder.delay_seconds)
                 payload = b"OK" if self.path == "/health" else json.dumps({"path": self.path}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
+                try:
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the gateway gave up first (the timeout test): that is the point
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _serve
 
