@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import AnyHttpUrl, Field, RedisDsn, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hokusai.server.ratelimit.policies import parse_limit
+
 ENV_PREFIX = "HOKUSAI_"
 _SECRET_FIELDS = {"bootstrap_admin_key", "mlflow_token", "mlflow_password"}
 
@@ -48,6 +50,17 @@ class Settings(BaseSettings):
     breaker_max_recovery_timeout: float = Field(300.0, gt=0, description="Cap of the doubling recovery timeout")
     breaker_half_open_max_calls: int = Field(1, ge=1, description="Probes allowed at once while half-open")
     breaker_success_threshold: int = Field(2, ge=1, description="Successful probes that close the breaker")
+
+    rate_limit_default_per_hour: int = Field(1000, ge=1, description="Requests per key per hour, unless the key says")
+    rate_limit_registration: str = Field("20/minute", description="Per key, POST /models/register")
+    rate_limit_lineage: str = Field("100/minute", description="Per key, the two lineage routes")
+    rate_limit_impact: str = Field("100/minute", description="Per key, contributor impact")
+    rate_limit_routes: dict[str, str] = Field(
+        default_factory=dict,
+        description='More route policies, JSON: {"GET /models/{model_name}/{version}": "60/minute"}',
+    )
+    rate_limit_auth_failures: str = Field("60/minute", description="Failed authentications per client address")
+    rate_limit_fail_open: bool = Field(True, description="Serve without limits (true) or answer 503 when Redis is down")
 
     bootstrap_admin_key: SecretStr | None = None
     auth_cache_ttl: float = Field(5.0, ge=0, description="Seconds a validated key is trusted without a database read")
@@ -87,6 +100,22 @@ class Settings(BaseSettings):
     @property
     def database_kind(self) -> Literal["sqlite", "postgresql"]:
         return "sqlite" if self.database_dsn.startswith("sqlite") else "postgresql"
+
+    @field_validator("rate_limit_registration", "rate_limit_lineage", "rate_limit_impact", "rate_limit_auth_failures")
+    @classmethod
+    def _limit_notation(cls, value: str) -> str:
+        parse_limit(value)
+        return value
+
+    @field_validator("rate_limit_routes")
+    @classmethod
+    def _route_limits(cls, value: dict[str, str]) -> dict[str, str]:
+        for route, limit in value.items():
+            method, _, template = route.strip().partition(" ")
+            if not method.isalpha() or not template.startswith("/"):
+                raise ValueError(f"route {route!r} must look like 'GET /models/{{model_name}}'")
+            parse_limit(limit)
+        return value
 
     @model_validator(mode="after")
     def _one_kind_of_upstream_auth(self) -> Settings:

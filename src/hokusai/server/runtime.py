@@ -21,6 +21,8 @@ from hokusai.server.metrics import track_breaker
 from hokusai.server.mlflow.breaker import CircuitBreaker
 from hokusai.server.mlflow.embedded import EmbeddedMlflow
 from hokusai.server.mlflow.upstream import MlflowUpstream
+from hokusai.server.ratelimit.policies import parse_limit, route_limits
+from hokusai.server.ratelimit.service import RequestRateLimiter
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +37,7 @@ class Runtime:
     mlflow: MlflowUpstream
     embedded_mlflow: EmbeddedMlflow | None
     redis: Redis | None
+    rate_limiter: RequestRateLimiter
     build: BuildInfo
     started_at: float
 
@@ -74,6 +77,7 @@ class Runtime:
             ),
             embedded_mlflow=embedded,
             redis=redis,
+            rate_limiter=build_rate_limiter(settings),
             build=await anyio.to_thread.run_sync(read_build_info, settings),
             started_at=time.monotonic(),
         )
@@ -101,6 +105,24 @@ def build_breaker(settings: Settings) -> CircuitBreaker:
     )
     track_breaker(breaker)
     return breaker
+
+
+def build_rate_limiter(settings: Settings) -> RequestRateLimiter:
+    """In process without Redis; with HOKUSAI_REDIS_URL every server process shares one count."""
+    options = {
+        "default_per_hour": settings.rate_limit_default_per_hour,
+        "route_limits": route_limits(
+            settings.rate_limit_registration,
+            settings.rate_limit_lineage,
+            settings.rate_limit_impact,
+            settings.rate_limit_routes,
+        ),
+        "auth_failure_limit": parse_limit(settings.rate_limit_auth_failures),
+        "fail_open": settings.rate_limit_fail_open,
+    }
+    if settings.redis_url is None:
+        return RequestRateLimiter.in_memory(**options)
+    return RequestRateLimiter.on_redis(str(settings.redis_url), settings.health_check_timeout, **options)
 
 
 def upstream_authorization(settings: Settings) -> str | None:

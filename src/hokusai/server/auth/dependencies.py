@@ -12,8 +12,9 @@ from fastapi import Depends, Request
 
 from hokusai.server.auth.keys import Scope, grants
 from hokusai.server.auth.store import ApiKeyInfo
-from hokusai.server.errors import ApiKeyRequired, PermissionDenied
+from hokusai.server.errors import ApiKeyRequired, InvalidApiKey, PermissionDenied
 from hokusai.server.middleware import RESPONSE_HEADERS_STATE_KEY
+from hokusai.server.ratelimit.policies import route_id
 from hokusai.server.runtime import get_runtime
 
 KeySource = Literal["authorization", "x-api-key", "query"]
@@ -37,14 +38,30 @@ def presented_key(request: Request) -> tuple[str | None, KeySource | None]:
 
 
 async def authenticate(request: Request) -> ApiKeyInfo:
+    """The caller's key, checked and counted: 401 without a valid key, 429 over a rate limit.
+
+    Failed attempts are counted per client address and an address over its budget is refused before its key is
+    even looked at; a valid key's request is counted against its hourly budget and the route's policy.
+    """
     key, source = presented_key(request)
     if not key:
         raise ApiKeyRequired()
-    info = await get_runtime(request).api_keys.authenticate(key)
-    if source == "query":
-        headers = getattr(request.state, RESPONSE_HEADERS_STATE_KEY, None)
-        if headers is not None:
-            headers.extend([("Deprecation", "true"), ("Warning", QUERY_KEY_WARNING)])
+    runtime = get_runtime(request)
+    address = request.client.host if request.client else "unknown"
+    await runtime.rate_limiter.refuse_if_blocked(address)
+    try:
+        info = await runtime.api_keys.authenticate(key)
+    except InvalidApiKey:
+        await runtime.rate_limiter.record_auth_failure(address)
+        raise
+    route = request.scope.get("route")
+    route_key = route_id(request.method, route.path) if route is not None else None
+    limit_headers = await runtime.rate_limiter.hit_key(info.id, info.rate_limit_per_hour, route_key)
+    response_headers = getattr(request.state, RESPONSE_HEADERS_STATE_KEY, None)
+    if response_headers is not None:
+        response_headers.extend(limit_headers.items())
+        if source == "query":
+            response_headers.extend([("Deprecation", "true"), ("Warning", QUERY_KEY_WARNING)])
     request.state.api_key = info
     return info
 

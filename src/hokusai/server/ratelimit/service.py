@@ -1,0 +1,151 @@
+"""RequestRateLimiter: counts requests per API key in `limits` storage (in process, or Redis shared by every
+server process) with the moving-window strategy, and failed authentications per client address.
+
+Moving window rather than a sliding-window counter: it is exact (no rolling hour ever holds more than N
+requests, where the counter strategy interpolates and may let ~N + N/2 through around a window edge), and what it
+costs, one timestamp per counted request, is small at these limits (1,000 per key per hour).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+from limits import RateLimitItem
+from limits.aio.storage import MemoryStorage, RedisStorage, Storage
+from limits.aio.strategies import MovingWindowRateLimiter
+from limits.errors import StorageError
+
+from hokusai.server.errors import HokusaiError, ServiceUnavailable
+from hokusai.server.ratelimit.policies import Policy, key_policies
+
+logger = logging.getLogger(__name__)
+STORAGE_WARNING_INTERVAL = 60.0
+
+
+class RateLimited(HokusaiError):
+    status_code = 429
+
+    def __init__(self, headers: dict[str, str]) -> None:
+        super().__init__("Rate limit exceeded")
+        self.headers = headers
+
+
+class RateLimitingUnavailable(ServiceUnavailable):
+    def __init__(self) -> None:
+        super().__init__("Rate limiting is unavailable")
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    policy: Policy
+    remaining: int
+    reset_at: float
+
+
+def rate_limit_headers(states: list[PolicyState], now: float) -> dict[str, str]:
+    """X-RateLimit-* for the tightest policy, and the IETF RateLimit / RateLimit-Policy fields for all of them."""
+    tightest = min(states, key=lambda state: (state.remaining, state.reset_at))
+    reset_in = max(0, math.ceil(tightest.reset_at - now))
+    return {
+        "X-RateLimit-Limit": str(tightest.policy.item.amount),
+        "X-RateLimit-Remaining": str(tightest.remaining),
+        "X-RateLimit-Reset": str(math.ceil(tightest.reset_at)),
+        "RateLimit-Policy": ", ".join(
+            f'"{state.policy.name}";q={state.policy.item.amount};w={state.policy.window_seconds}' for state in states
+        ),
+        "RateLimit": f'"{tightest.policy.name}";r={tightest.remaining};t={reset_in}',
+    }
+
+
+class RequestRateLimiter:
+    def __init__(
+        self,
+        storage: Storage,
+        default_per_hour: int,
+        route_limits: dict[str, RateLimitItem],
+        auth_failure_limit: RateLimitItem,
+        fail_open: bool,
+    ) -> None:
+        self.storage = storage
+        self._limiter = MovingWindowRateLimiter(storage)
+        self.default_per_hour = default_per_hour
+        self.route_limits = route_limits
+        self.auth_failure_limit = auth_failure_limit
+        self.fail_open = fail_open
+        self._last_storage_warning = -math.inf
+
+    @classmethod
+    def in_memory(cls, **options) -> RequestRateLimiter:
+        return cls(MemoryStorage(), **options)
+
+    @classmethod
+    def on_redis(cls, redis_url: str, timeout: float, **options) -> RequestRateLimiter:
+        storage = RedisStorage(
+            "async+" + redis_url,
+            implementation="redispy",
+            wrap_exceptions=True,
+            key_prefix="hokusai-ratelimit",
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+        )
+        return cls(storage, **options)
+
+    async def hit_key(self, key_id: str, key_limit_per_hour: int | None, route: str | None) -> dict[str, str]:
+        """Count one request of this key; the headers to send, or RateLimited (429) when a policy is spent.
+
+        A refused hit is not counted in the policy that refused it, and the route policy (the tighter one) is
+        checked first, so a request refused there does not spend the key's hourly budget either.
+        """
+        policies = key_policies(key_id, key_limit_per_hour, self.default_per_hour, route, self.route_limits)
+        try:
+            states, refused = [], None
+            for policy in policies:
+                allowed = await self._limiter.hit(policy.item, policy.counter)
+                stats = await self._limiter.get_window_stats(policy.item, policy.counter)
+                states.append(PolicyState(policy, stats.remaining, stats.reset_time))
+                if not allowed:
+                    refused = policy
+                    break
+        except StorageError as exc:
+            return self._storage_failed(exc)
+        now = time.time()
+        headers = rate_limit_headers(states, now)
+        if refused is not None:
+            retry_after = max(1, math.ceil(states[-1].reset_at - now))
+            raise RateLimited({**headers, "Retry-After": str(retry_after)})
+        return headers
+
+    async def refuse_if_blocked(self, address: str) -> None:
+        """429 for an address that has failed authentication too often in the window."""
+        try:
+            allowed = await self._limiter.test(self.auth_failure_limit, "auth-failures", address)
+            if allowed:
+                return
+            stats = await self._limiter.get_window_stats(self.auth_failure_limit, "auth-failures", address)
+        except StorageError as exc:
+            self._storage_failed(exc)
+            return
+        raise RateLimited({"Retry-After": str(max(1, math.ceil(stats.reset_time - time.time())))})
+
+    async def record_auth_failure(self, address: str) -> None:
+        try:
+            await self._limiter.hit(self.auth_failure_limit, "auth-failures", address)
+        except StorageError as exc:
+            self._storage_failed(exc)
+
+    def _storage_failed(self, exc: Exception) -> dict[str, str]:
+        """Fail open (serve, warn at most once a minute) or closed (503), as configured."""
+        now = time.monotonic()
+        if now - self._last_storage_warning >= STORAGE_WARNING_INTERVAL:
+            self._last_storage_warning = now
+            logger.warning(
+                "Rate limit storage unreachable (%s); %s",
+                exc,
+                "serving without limits" if self.fail_open else "refusing requests",
+            )
+        if self.fail_open:
+            return {}
+        raise RateLimitingUnavailable()

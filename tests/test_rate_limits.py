@@ -1,0 +1,202 @@
+"""Rate limits over HTTP: exact counting at the boundary, headers, shared counters, Redis, failed-auth limits."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from hokusai.server.mlflow.embedded import free_loopback_port
+from hokusai.server.ratelimit.policies import route_id, route_limits
+from tests.support import unavailable
+
+SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
+REFUSED = {"detail": "Rate limit exceeded"}
+
+
+def new_key(service, **body) -> str:
+    with service.client(service.admin_key) as admin:
+        response = admin.post("/api/v1/keys", json={"name": "limited", "scopes": ["read"], **body})
+    assert response.status_code == 201, response.text
+    return response.json()["key"]
+
+
+def call(service, key: str, prefix: str = "/mlflow") -> httpx.Response:
+    with service.client(key) as client:
+        return client.get(prefix + SEARCH)
+
+
+def assert_refused(response: httpx.Response) -> None:
+    assert response.status_code == 429, response.text
+    assert response.json()["detail"] == "Rate limit exceeded"
+    assert int(response.headers["retry-after"]) >= 1
+    assert response.headers["x-ratelimit-remaining"] == "0"
+
+
+@pytest.fixture(scope="module")
+def limited_service(start_service, mlflow_server):
+    return start_service(
+        mlflow_url=mlflow_server.url,
+        rate_limit_default_per_hour="5",
+        rate_limit_routes=json.dumps({"GET /mlflow/{path:path}": "4/minute"}),
+        rate_limit_auth_failures="3/minute",
+    )
+
+
+def test_default_limit_counts_exactly_and_sends_headers(start_service, mlflow_server):
+    service = start_service(mlflow_url=mlflow_server.url, rate_limit_default_per_hour="5")
+    key = new_key(service)
+    before = time.time()
+    for expected_remaining in (4, 3, 2, 1, 0):
+        prefix = "/mlflow" if expected_remaining % 2 else "/api/mlflow"  # both prefixes spend one budget
+        response = call(service, key, prefix)
+        assert response.status_code == 200
+        assert response.headers["x-ratelimit-limit"] == "5"
+        assert response.headers["x-ratelimit-remaining"] == str(expected_remaining)
+        assert before + 3590 <= int(response.headers["x-ratelimit-reset"]) <= time.time() + 3601
+        assert response.headers["ratelimit-policy"] == '"key";q=5;w=3600'
+        assert response.headers["ratelimit"].startswith(f'"key";r={expected_remaining};t=')
+    refused = call(service, key)
+    assert_refused(refused)
+    assert 3500 < int(refused.headers["retry-after"]) <= 3600
+    assert call(service, new_key(service)).status_code == 200  # another key has its own budget
+
+
+def test_a_keys_own_limit_overrides_the_default(start_service, mlflow_server):
+    service = start_service(mlflow_url=mlflow_server.url, rate_limit_default_per_hour="5")
+    key = new_key(service, rate_limit_per_hour=3)
+    assert [call(service, key).status_code for _ in range(3)] == [200, 200, 200]
+    assert_refused(call(service, key))
+    admin = new_key(service, rate_limit_per_hour=2, scopes=["admin"])
+    with service.client(admin) as client:
+        assert [client.get("/api/v1/keys").status_code for _ in range(2)] == [200, 200]
+        refused = client.get("/api/v1/keys")
+    assert refused.status_code == 429 and refused.json() == REFUSED  # the reference's body, exactly
+    generous = new_key(service, rate_limit_per_hour=8)
+    assert [call(service, generous).status_code for _ in range(8)] == [200] * 8
+    assert_refused(call(service, generous))
+
+
+def test_route_policy_counts_once_across_prefixes(limited_service):
+    key = new_key(limited_service, rate_limit_per_hour=100)
+    statuses, responses = [], []
+    for index in range(5):
+        response = call(limited_service, key, "/mlflow" if index % 2 else "/api/mlflow")
+        statuses.append(response.status_code)
+        responses.append(response)
+    assert statuses == [200, 200, 200, 200, 429]
+    first = responses[0]
+    assert first.headers["x-ratelimit-limit"] == "4" and first.headers["x-ratelimit-remaining"] == "3"
+    assert first.headers["ratelimit-policy"] == '"route";q=4;w=60, "key";q=100;w=3600'
+    assert_refused(responses[-1])
+    assert int(responses[-1].headers["retry-after"]) <= 60
+    with limited_service.client(key) as client:  # other routes only spend the hourly budget
+        assert client.get("/api/v1/keys").status_code == 403
+        assert client.get("/api/v1/keys").headers["x-ratelimit-limit"] == "100"
+
+
+def test_failed_authentication_is_limited_per_address(limited_service):
+    good = new_key(limited_service)
+    bad = good[:-1] + ("A" if good[-1] != "A" else "B")
+    with httpx.Client(base_url=limited_service.base_url) as client:
+        statuses = [client.get("/mlflow" + SEARCH, headers={"X-API-Key": bad}).status_code for _ in range(3)]
+        assert statuses == [401, 401, 401]
+        blocked = client.get("/mlflow" + SEARCH, headers={"X-API-Key": bad})
+        assert blocked.status_code == 429 and blocked.json()["detail"] == REFUSED["detail"]
+        assert "retry-after" in blocked.headers
+        # The address is blocked for the window, whatever key it sends now; without a key it is just 401.
+        assert client.get("/mlflow" + SEARCH, headers={"X-API-Key": good}).status_code == 429
+        assert client.get("/mlflow" + SEARCH).status_code == 401
+
+
+def test_named_route_policies_of_the_reference():
+    table = route_limits("20/minute", "100/minute", "100/minute", {"get /api/models/{model_name}": "7/second"})
+    assert table["POST /models/register"].amount == 20 and table["POST /models/register"].get_expiry() == 60
+    assert table["GET /models/{model_name}/{version}/lineage"].amount == 100
+    assert table["GET /models/{model_id}/lineage"].amount == 100
+    assert table["GET /models/contributors/{address}/impact"].amount == 100
+    assert table["GET /models/{model_name}"].amount == 7
+    assert route_id("post", "/api/models/register") == route_id("POST", "/models/register") == "POST /models/register"
+    assert route_id("GET", "/api/mlflow/{path:path}") == "GET /mlflow/{path:path}"
+    assert route_id("GET", "/api/v1/keys") == "GET /api/v1/keys"
+
+
+@pytest.mark.redis
+def test_two_processes_share_one_count_through_redis(start_service, mlflow_server, redis_url, tmp_path):
+    shared = {
+        "mlflow_url": mlflow_server.url,
+        "redis_url": redis_url,
+        "database_url": f"sqlite:///{tmp_path / 'shared.db'}",
+    }
+    first = start_service(**shared)
+    second = start_service(**shared, bootstrap=False)
+    key = new_key(first, rate_limit_per_hour=7)
+    statuses = [call(service, key).status_code for _ in range(5) for service in (first, second)]
+    assert statuses.count(200) == 7 and statuses[:7] == [200] * 7 and set(statuses[7:]) == {429}
+
+
+class OwnRedis:
+    """A redis-server this test may stop."""
+
+    def __init__(self) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("redis-server", "install Redis (Debian: redis-server)", FileNotFoundError("redis-server"))
+        self.port = free_loopback_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        import redis
+
+        while True:
+            try:
+                redis.Redis.from_url(self.url).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+@pytest.fixture
+def own_redis():
+    server = OwnRedis()
+    yield server
+    server.stop()
+
+
+@pytest.mark.redis
+def test_redis_stopped_mid_run_fails_open_by_default(start_service, mlflow_server, own_redis):
+    service = start_service(mlflow_url=mlflow_server.url, redis_url=own_redis.url, rate_limit_default_per_hour="3")
+    key = new_key(service)
+    assert [call(service, key).status_code for _ in range(3)] == [200, 200, 200]
+    own_redis.stop()
+    after = [call(service, key) for _ in range(5)]
+    assert [r.status_code for r in after] == [200] * 5  # served, without limits, while Redis is away
+    assert "x-ratelimit-limit" not in after[0].headers
+    with httpx.Client(base_url=service.base_url) as client:
+        health = client.get("/health").json()
+    assert health["status"] == "degraded" and health["services"]["redis"] == "unhealthy"
+    assert service.logs().count("Rate limit storage unreachable") == 1  # warned once per interval, not per request
+
+
+@pytest.mark.redis
+def test_redis_stopped_mid_run_can_fail_closed(start_service, mlflow_server, own_redis):
+    service = start_service(mlflow_url=mlflow_server.url, redis_url=own_redis.url, rate_limit_fail_open="false")
+    key = new_key(service)
+    assert call(service, key).status_code == 200
+    own_redis.stop()
+    refused = call(service, key)
+    assert refused.status_code == 503 and refused.json()["detail"] == "Rate limiting is unavailable"
