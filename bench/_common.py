@@ -7,7 +7,9 @@ import os
 import signal
 import statistics
 import subprocess
+import sys
 import time
+from pathlib import Path
 
 import httpx
 import psutil
@@ -35,6 +37,16 @@ def tree_pss_mb(pid: int) -> float:
         with contextlib.suppress(psutil.NoSuchProcess):
             total += process.memory_full_info().pss
     return total / 2**20
+
+
+def spawn(command: list[str], env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    """A quiet child in its own process group (stopped as a whole by stop_group)."""
+    return subprocess.Popen(
+        command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+
+
+HOKUSAI_SERVE = [sys.executable, "-m", "hokusai.cli", "serve"]
 
 
 def stop_group(process: subprocess.Popen) -> None:

@@ -25,7 +25,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _common import clean_env, median, stop_group, wait_for  # noqa: E402
+from _common import HOKUSAI_SERVE, clean_env, median, spawn, stop_group, wait_for  # noqa: E402
 
 from hokusai.server.auth.keys import generate_api_key  # noqa: E402
 from hokusai.server.mlflow.embedded import embedded_mlflow_command, free_loopback_port  # noqa: E402
@@ -38,12 +38,7 @@ ARTIFACT_ROUNDS = 5
 
 def start_mlflow(home: Path) -> tuple[subprocess.Popen, str]:
     port = free_loopback_port()
-    process = subprocess.Popen(
-        embedded_mlflow_command(home, "127.0.0.1", port),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = spawn(embedded_mlflow_command(home, "127.0.0.1", port))
     url = f"http://127.0.0.1:{port}"
     wait_for(f"{url}/health")
     return process, url
@@ -59,13 +54,7 @@ def start_gateway(home: Path, mlflow_url: str, key: str, **extra: str) -> tuple[
         HOKUSAI_LOG_LEVEL="WARNING",
         **extra,
     )
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hokusai.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = spawn(HOKUSAI_SERVE, env)
     url = f"http://127.0.0.1:{port}"
     wait_for(f"{url}/ready")
     return process, url
@@ -145,7 +134,7 @@ def keepalive_penalty(home: Path, key: str) -> dict[str, float]:
     """MLflow as `mlflow server` runs it by default (4 uvicorn workers; uvicorn's h11 protocol, as in a plain
     `pip install mlflow` without httptools), behind two gateways: keep-alive on and off. POST runs/search."""
     port = free_loopback_port()
-    process = subprocess.Popen(
+    process = spawn(
         [
             sys.executable,
             "-m",
@@ -164,10 +153,7 @@ def keepalive_penalty(home: Path, key: str) -> dict[str, float]:
             "--uvicorn-opts",
             "--http h11 --loop asyncio",
         ],
-        env=clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
     )
     gateways = []
     try:

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import clean_env, median, stop_group, tree_pss_mb, wait_for  # noqa: E402
+from _common import clean_env, median, spawn, stop_group, tree_pss_mb, wait_for  # noqa: E402
 
 from hokusai.server.mlflow.embedded import embedded_mlflow_command, free_loopback_port  # noqa: E402
 
@@ -50,9 +50,7 @@ def gunicorn_command(home: Path, port: int) -> list[str]:
 def start(command: list[str], port: int) -> tuple[subprocess.Popen, float]:
     env = clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false")
     started = time.perf_counter()
-    process = subprocess.Popen(
-        command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    process = spawn(command, env)
     wait_for(f"http://127.0.0.1:{port}/health")
     return process, time.perf_counter() - started
 

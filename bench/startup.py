@@ -6,14 +6,13 @@ database) and on the same home again (warm: a restart). Target: ready within 10 
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import clean_env, median, stop_group, tree_pss_mb, wait_for  # noqa: E402
+from _common import HOKUSAI_SERVE, clean_env, median, spawn, stop_group, tree_pss_mb, wait_for  # noqa: E402
 
 from hokusai.server.mlflow.embedded import free_loopback_port  # noqa: E402
 
@@ -24,13 +23,7 @@ def start_and_measure(home: Path) -> tuple[float, float]:
     port = free_loopback_port()
     env = clean_env(HOKUSAI_HOME=str(home), HOKUSAI_PORT=str(port), HOKUSAI_LOG_LEVEL="WARNING")
     started = time.perf_counter()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hokusai.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = spawn(HOKUSAI_SERVE, env)
     try:
         wait_for(f"http://127.0.0.1:{port}/ready")
         seconds = time.perf_counter() - started

@@ -95,6 +95,17 @@ def service_environment(**overrides: str) -> dict[str, str]:
     return env
 
 
+def spawn_service(env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:
+    """`hokusai serve` in its own process group, output to `log_path` (or nowhere)."""
+    command = [sys.executable, "-m", "hokusai.cli", "serve"]
+    if log_path is None:
+        return subprocess.Popen(
+            command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+    with open(log_path, "wb") as out:
+        return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
 def run_cli(*args: str, env: dict[str, str], input: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "hokusai.cli", *args], env=env, capture_output=True, text=True, timeout=120, input=input
@@ -116,14 +127,7 @@ class ServiceFactory:
         overrides.update({f"HOKUSAI_{name.upper()}": value for name, value in settings.items()})
         env = service_environment(**overrides)
         log_path = home / "service.log"
-        with open(log_path, "wb") as out:
-            process = subprocess.Popen(
-                [sys.executable, "-m", "hokusai.cli", "serve"],
-                env=env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
+        process = spawn_service(env, log_path)
         service = ServiceProcess(f"http://127.0.0.1:{port}", home, log_path, process, env, admin_key)
         self.started.append(service)
         path = {"ready": "/ready", "live": "/live"}[wait_until]

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import httpx
@@ -13,7 +12,7 @@ import psutil
 import pytest
 
 from hokusai.server.mlflow.embedded import free_loopback_port
-from tests.support import service_environment, stop_process_group, wait_for_status
+from tests.support import service_environment, spawn_service, stop_process_group, wait_for_status
 
 pytestmark = pytest.mark.slow
 
@@ -42,14 +41,7 @@ def embedded_service(tmp_path_factory):
     port = free_loopback_port()
     env = service_environment(HOKUSAI_HOME=str(home), HOKUSAI_PORT=str(port))
     log_path = home / "service.log"
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "hokusai.cli", "serve"],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    process = spawn_service(env, log_path)
     base_url = f"http://127.0.0.1:{port}"
     wait_for_status(f"{base_url}/ready", 200, timeout=120, process=process, log=log_path)
     yield {"base_url": base_url, "home": home, "process": process, "log_path": log_path}
@@ -87,19 +79,17 @@ def test_ready_is_503_while_mlflow_is_down_and_the_child_is_restarted(embedded_s
     assert "Embedded MLflow exited" in embedded_service["log_path"].read_text()
 
 
-def test_stopping_the_service_stops_mlflow(tmp_path):
+def start_with_mlflow_child(home) -> tuple[int, subprocess.Popen, psutil.Process]:
     port = free_loopback_port()
-    env = service_environment(HOKUSAI_HOME=str(tmp_path), HOKUSAI_PORT=str(port))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hokusai.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    process = spawn_service(service_environment(HOKUSAI_HOME=str(home), HOKUSAI_PORT=str(port)))
+    wait_until(lambda: mlflow_children(process.pid), 60, "the MLflow child to start")
+    [child] = mlflow_children(process.pid)
+    return port, process, child
+
+
+def test_stopping_the_service_stops_mlflow(tmp_path):
+    port, process, child = start_with_mlflow_child(tmp_path)
     try:
-        wait_until(lambda: mlflow_children(process.pid), 60, "the MLflow child to start")
-        [child] = mlflow_children(process.pid)
         wait_for_status(f"http://127.0.0.1:{port}/ready", 200, timeout=120, process=process)
         process.send_signal(signal.SIGTERM)
         # uvicorn shuts down gracefully, then re-raises the signal it caught.
@@ -111,18 +101,8 @@ def test_stopping_the_service_stops_mlflow(tmp_path):
 
 def test_mlflow_dies_with_a_killed_service(tmp_path):
     """Even SIGKILL of the service (no chance to clean up) takes the MLflow child down with it."""
-    port = free_loopback_port()
-    env = service_environment(HOKUSAI_HOME=str(tmp_path), HOKUSAI_PORT=str(port))
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hokusai.cli", "serve"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    port, process, child = start_with_mlflow_child(tmp_path)
     try:
-        wait_until(lambda: mlflow_children(process.pid), 60, "the MLflow child to start")
-        [child] = mlflow_children(process.pid)
         time.sleep(1)  # let the launcher arm its parent-death signal
         os.kill(process.pid, signal.SIGKILL)
         process.wait(10)

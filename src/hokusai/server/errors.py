@@ -31,10 +31,6 @@ class NotFound(HokusaiError):
     status_code = 404
 
 
-class Conflict(HokusaiError):
-    status_code = 409
-
-
 class AuthenticationError(HokusaiError):
     status_code = 401
     headers = {"WWW-Authenticate": 'Bearer realm="hokusai"'}
@@ -58,10 +54,6 @@ class PermissionDenied(HokusaiError):
 
 class ServiceUnavailable(HokusaiError):
     status_code = 503
-
-
-def error_response(status_code: int, detail: object, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"detail": detail}, status_code=status_code, headers=headers)
 
 
 # The stock mlflow client reads `error_code` and `message` from an error body and shows nothing else, so errors

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -25,11 +25,15 @@ class ApiKeyService:
         # key hash -> (record, when read). Bounded and keyed by hash: the plaintext is never kept.
         self._cache: OrderedDict[str, tuple[ApiKeyInfo, float]] = OrderedDict()
 
-    async def authenticate(self, presented: str) -> ApiKeyInfo:
+    async def authenticate(
+        self, presented: str, before_lookup: Callable[[], Awaitable[None]] | None = None
+    ) -> ApiKeyInfo:
         """The record of an active key, or InvalidApiKey for anything else.
 
-        The database is searched by the key's SHA-256, so lookup timing says nothing about the key itself;
-        the only direct comparison (the checksum) is constant-time.
+        `before_lookup` runs only when the database must be asked (the key is not in the cache): the hook for
+        refusing a blocked client before its guess is looked at. The database is searched by the key's SHA-256,
+        so lookup timing says nothing about the key itself; the only direct comparison (the checksum) is
+        constant-time.
         """
         if not is_well_formed(presented):
             raise InvalidApiKey()
@@ -37,6 +41,8 @@ class ApiKeyService:
         now = utcnow()
         info = self._cached(key_hash)
         if info is None:
+            if before_lookup is not None:
+                await before_lookup()
             info = await self.store.find_by_hash(key_hash)
             if info is None:
                 raise InvalidApiKey()

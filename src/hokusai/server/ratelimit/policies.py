@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from limits import RateLimitItem, RateLimitItemPerHour, parse
 
@@ -41,6 +42,11 @@ def route_id(method: str, template: str) -> str:
     return f"{method.upper()} {template}"
 
 
+@lru_cache(maxsize=1024)
+def hourly_limit(amount: int) -> RateLimitItem:
+    return RateLimitItemPerHour(amount)
+
+
 def key_policies(
     key_id: str,
     key_limit_per_hour: int | None,
@@ -52,7 +58,7 @@ def key_policies(
     policies = []
     if route is not None and route in route_limits:
         policies.append(Policy("route", route_limits[route], f"route:{key_id}:{route}"))
-    hourly = RateLimitItemPerHour(key_limit_per_hour or default_per_hour)
+    hourly = hourly_limit(key_limit_per_hour or default_per_hour)
     policies.append(Policy("key", hourly, f"key:{key_id}"))
     return policies
 
