@@ -23,6 +23,7 @@ from hokusai.server.mlflow.embedded import EmbeddedMlflow
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.ratelimit.policies import parse_limit, route_limits
 from hokusai.server.ratelimit.service import RequestRateLimiter
+from hokusai.server.registry.service import RegistryService
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +39,7 @@ class Runtime:
     embedded_mlflow: EmbeddedMlflow | None
     redis: Redis | None
     rate_limiter: RequestRateLimiter
+    registry: RegistryService
     build: BuildInfo
     started_at: float
 
@@ -64,20 +66,22 @@ class Runtime:
             timeout = settings.health_check_timeout
             redis = Redis.from_url(str(settings.redis_url), socket_timeout=timeout, socket_connect_timeout=timeout)
 
+        mlflow = MlflowUpstream(
+            mlflow_url,
+            settings.mlflow_timeout,
+            breaker=build_breaker(settings),
+            authorization=upstream_authorization(settings),
+            keepalive=settings.reuse_mlflow_connections,
+        )
         return cls(
             settings=settings,
             database=database,
             api_keys=ApiKeyService(store, settings.auth_cache_ttl),
-            mlflow=MlflowUpstream(
-                mlflow_url,
-                settings.mlflow_timeout,
-                breaker=build_breaker(settings),
-                authorization=upstream_authorization(settings),
-                keepalive=settings.reuse_mlflow_connections,
-            ),
+            mlflow=mlflow,
             embedded_mlflow=embedded,
             redis=redis,
             rate_limiter=build_rate_limiter(settings),
+            registry=RegistryService(mlflow, database),
             build=await anyio.to_thread.run_sync(read_build_info, settings),
             started_at=time.monotonic(),
         )

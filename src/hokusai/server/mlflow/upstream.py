@@ -195,3 +195,12 @@ class MlflowUpstream:
 
 def _elapsed_ms(started: float) -> float:
     return round((time.perf_counter() - started) * 1000, 2)
+
+
+class UpstreamFailed(HokusaiError):
+    """MLflow answered a call made by the service with a server error."""
+
+    status_code = 502
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"MLflow server error ({status}): {message}")

@@ -1,0 +1,1 @@
+"""The /models/* domain: model versions in the MLflow registry, as the API reference shapes them."""

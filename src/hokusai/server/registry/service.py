@@ -1,0 +1,280 @@
+"""RegistryService: model versions in MLflow's registry, read and changed through the one upstream client.
+
+Knows nothing of HTTP: it raises ModelNotFound, InvalidRequest or the upstream's 502/503/504 errors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import func, select, tuple_
+
+from hokusai.server.db import Database, utcnow
+from hokusai.server.errors import InvalidRequest, NotFound
+from hokusai.server.mlflow.upstream import MlflowUpstream, UpstreamFailed
+from hokusai.server.registry.download import (
+    DownloadPlan,
+    archive_filename,
+    list_files,
+    served_artifact_root,
+    zip_stream,
+)
+from hokusai.server.registry.models import StageTransitionRow
+from hokusai.server.registry.schemas import (
+    ModelList,
+    ModelVersionDetail,
+    ModelVersionSummary,
+    ModelVersionUpdate,
+    ProductionModel,
+    Stage,
+)
+
+API = "/api/2.0/mlflow"
+PAGE_SIZE_LIMIT = 1000  # MLflow's own cap for model-versions/search
+# Stages whose lowercase name is kept as an alias in step with the stage, for `models:/name@production`.
+STAGE_ALIASES = {"Production": "production", "Staging": "staging"}
+
+
+class ModelNotFound(NotFound):
+    def __init__(self, name: str, version: str) -> None:
+        super().__init__(f"Model not found: {name}:{version}")
+
+
+def quoted(value: str) -> str:
+    """A string literal for an MLflow filter that the value cannot break out of.
+
+    MLflow's filter parser strips the enclosing quotes and does not unescape anything inside, so the value is
+    enclosed in a quote character it does not contain; a value containing both kinds cannot be expressed.
+    """
+    for quote in ("'", '"'):
+        if quote not in value:
+            return f"{quote}{value}{quote}"
+    raise InvalidRequest("A model name containing both ' and \" cannot be searched in MLflow")
+
+
+def version_number(name: str, version: str) -> str:
+    """Versions are positive integers; anything else names no model version."""
+    if not version.isdigit() or int(version) < 1:
+        raise ModelNotFound(name, version)
+    return str(int(version))
+
+
+def _tags(raw: list[dict[str, str]] | None) -> dict[str, str]:
+    return {tag["key"]: tag.get("value", "") for tag in raw or []}
+
+
+def _summary(raw: dict[str, Any], aliases: list[str]) -> ModelVersionSummary:
+    return ModelVersionSummary(
+        name=raw["name"],
+        version=raw["version"],
+        status=raw.get("status", "READY"),
+        created_at=int(raw.get("creation_timestamp", 0)),
+        tags=_tags(raw.get("tags")),
+        stage=raw.get("current_stage", "None"),
+        aliases=sorted(aliases),
+    )
+
+
+def _detail(raw: dict[str, Any]) -> ModelVersionDetail:
+    summary = _summary(raw, raw.get("aliases", []))
+    return ModelVersionDetail(
+        **summary.model_dump(),
+        description=raw.get("description", ""),
+        source=raw.get("source", ""),
+        run_id=raw.get("run_id") or None,
+        updated_at=int(raw.get("last_updated_timestamp", 0)),
+    )
+
+
+class RegistryService:
+    def __init__(self, upstream: MlflowUpstream, database: Database) -> None:
+        self._upstream = upstream
+        self._database = database
+
+    async def _mlflow(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        json: Any = None,
+        not_found: NotFound | None = None,
+    ) -> dict[str, Any]:
+        response = await self._upstream.request(method, API + path, params=params, json=json)
+        body = response.json() if response.body else {}
+        if response.status_code < 400:
+            return body
+        message = body.get("message", "") if isinstance(body, dict) else ""
+        if response.status_code == 404 and not_found is not None:
+            raise not_found
+        if response.status_code < 500:
+            raise InvalidRequest(message or f"MLflow refused the request ({response.status_code})")
+        raise UpstreamFailed(response.status_code, message)
+
+    async def list_versions(self, name: str | None, max_results: int, page_token: str | None) -> ModelList:
+        params = {"max_results": str(max_results), "order_by": "name ASC"}
+        if name:
+            params["filter"] = f"name = {quoted(name)}"
+        if page_token:
+            params["page_token"] = page_token
+        page = await self._mlflow("GET", "/model-versions/search", params=params)
+        versions = page.get("model_versions", [])
+        aliases = await self._aliases({v["name"] for v in versions})
+        return ModelList(
+            models=[_summary(v, aliases.get((v["name"], v["version"]), [])) for v in versions],
+            next_page_token=page.get("next_page_token") or None,
+        )
+
+    async def _aliases(self, names: set[str]) -> dict[tuple[str, str], list[str]]:
+        """Aliases of every version of these models, in one call (model-versions/search does not return them)."""
+        if not names:
+            return {}
+        in_list = ", ".join(quoted(name) for name in sorted(names))
+        found = await self._mlflow(
+            "GET",
+            "/registered-models/search",
+            params={"filter": f"name IN ({in_list})", "max_results": str(PAGE_SIZE_LIMIT)},
+        )
+        aliases: dict[tuple[str, str], list[str]] = {}
+        for model in found.get("registered_models", []):
+            for alias in model.get("aliases", []):
+                aliases.setdefault((model["name"], alias["version"]), []).append(alias["alias"])
+        return aliases
+
+    async def get_version(self, name: str, version: str) -> ModelVersionDetail:
+        version = version_number(name, version)
+        found = await self._mlflow(
+            "GET",
+            "/model-versions/get",
+            params={"name": name, "version": version},
+            not_found=ModelNotFound(name, version),
+        )
+        return _detail(found["model_version"])
+
+    async def update_version(self, name: str, version: str, update: ModelVersionUpdate) -> ModelVersionDetail:
+        current = await self.get_version(name, version)
+        target = {"name": name, "version": current.version}
+        if update.description is not None:
+            await self._mlflow("PATCH", "/model-versions/update", json={**target, "description": update.description})
+        for key, value in (update.tags or {}).items():
+            if value is None:
+                if key in current.tags:
+                    await self._mlflow("DELETE", "/model-versions/delete-tag", json={**target, "key": key})
+            else:
+                await self._mlflow("POST", "/model-versions/set-tag", json={**target, "key": key, "value": value})
+        return await self.get_version(name, current.version)
+
+    async def delete_version(self, name: str, version: str) -> str:
+        current = await self.get_version(name, version)
+        await self._mlflow(
+            "DELETE",
+            "/model-versions/delete",
+            json={"name": name, "version": current.version},
+            not_found=ModelNotFound(name, version),
+        )
+        return f"Model {name}:{current.version} deleted successfully"
+
+    async def transition(
+        self, name: str, version: str, stage: Stage, archive_existing: bool, key_id: str | None
+    ) -> ModelVersionDetail:
+        """Move a version to a stage and keep the matching lowercase alias in step with it."""
+        current = await self.get_version(name, version)
+        await self._mlflow(
+            "POST",
+            "/model-versions/transition-stage",
+            json={
+                "name": name,
+                "version": current.version,
+                "stage": stage,
+                "archive_existing_versions": archive_existing and stage in STAGE_ALIASES,
+            },
+        )
+        if stage in STAGE_ALIASES:
+            await self._mlflow(
+                "POST",
+                "/registered-models/alias",
+                json={"name": name, "alias": STAGE_ALIASES[stage], "version": current.version},
+            )
+        for alias in STAGE_ALIASES.values():
+            if alias in current.aliases and alias != STAGE_ALIASES.get(stage):
+                await self._mlflow("DELETE", "/registered-models/alias", json={"name": name, "alias": alias})
+        async with self._database.session() as session, session.begin():
+            session.add(
+                StageTransitionRow(
+                    model_name=name, version=current.version, stage=stage, key_id=key_id, transitioned_at=utcnow()
+                )
+            )
+        return await self.get_version(name, current.version)
+
+    async def download_plan(self, name: str, version: str) -> DownloadPlan:
+        """What a version's zip will hold, found before any byte is sent (so a missing version is still a 404)."""
+        current = await self.get_version(name, version)
+        located = await self._mlflow(
+            "GET",
+            "/model-versions/get-download-uri",
+            params={"name": name, "version": current.version},
+            not_found=ModelNotFound(name, version),
+        )
+        root = served_artifact_root(located["artifact_uri"])
+        files = await list_files(self._upstream, root)
+        return DownloadPlan(archive_filename(name, current.version), root, files)
+
+    def download(self, plan: DownloadPlan) -> AsyncIterator[bytes]:
+        return zip_stream(self._upstream, plan)
+
+    async def production_versions(self) -> list[ProductionModel]:
+        """Every version in Production. MLflow cannot filter by stage, so versions are read a page of 1,000 at a
+        time: the number of calls follows the number of versions / 1,000, never the number of models."""
+        in_production: list[dict[str, Any]] = []
+        page_token = None
+        while True:
+            params = {"max_results": str(PAGE_SIZE_LIMIT)}
+            if page_token:
+                params["page_token"] = page_token
+            page = await self._mlflow("GET", "/model-versions/search", params=params)
+            in_production += [v for v in page.get("model_versions", []) if v.get("current_stage") == "Production"]
+            page_token = page.get("next_page_token")
+            if not page_token:
+                break
+        entered = await self._entered_production({(v["name"], v["version"]) for v in in_production})
+        return [
+            ProductionModel(
+                name=v["name"],
+                version=v["version"],
+                stage="Production",
+                deployed_at=_iso(
+                    entered.get((v["name"], v["version"]))
+                    or datetime.fromtimestamp(int(v.get("last_updated_timestamp", 0)) / 1000, UTC)
+                ),
+            )
+            for v in sorted(in_production, key=lambda v: (v["name"], int(v["version"])))
+        ]
+
+    async def _entered_production(self, versions: set[tuple[str, str]]) -> dict[tuple[str, str], datetime]:
+        """When each version last entered Production through this service (one query for all of them)."""
+        if not versions:
+            return {}
+        query = (
+            select(
+                StageTransitionRow.model_name, StageTransitionRow.version, func.max(StageTransitionRow.transitioned_at)
+            )
+            .where(StageTransitionRow.stage == "Production")
+            .where(tuple_(StageTransitionRow.model_name, StageTransitionRow.version).in_(sorted(versions)))
+            .group_by(StageTransitionRow.model_name, StageTransitionRow.version)
+        )
+        async with self._database.session() as session:
+            rows = (await session.execute(query)).all()
+        return {(name, version): _as_utc(at) for name, version, at in rows}
+
+
+def _as_utc(value: datetime) -> datetime:
+    # An aggregate bypasses the column type, so SQLite hands back a naive (UTC) datetime or a string.
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

@@ -1,0 +1,179 @@
+"""/models/* over HTTP against the real MLflow: list, get, update, delete, stage transitions, production."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import httpx
+import pytest
+
+MODEL = "registry-test-model"
+# Two versions of a real scikit-learn model, registered by the stock mlflow client.
+REGISTER_TWO_VERSIONS = """
+import json, sys, warnings
+warnings.filterwarnings("ignore")
+import mlflow, numpy as np
+from sklearn.linear_model import LogisticRegression
+name = sys.argv[1]
+mlflow.set_experiment(name)
+x, y = np.array([[0.0], [1.0], [0.1], [0.9]]), np.array([0, 1, 0, 1])
+for c in (1.0, 0.5):
+    with mlflow.start_run():
+        mlflow.sklearn.log_model(LogisticRegression(C=c).fit(x, y), name="model", registered_model_name=name)
+print(json.dumps({"ok": True}))
+"""
+
+
+@pytest.fixture(scope="module")
+def model(mlflow_server) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HOKUSAI_"))}
+    env["MLFLOW_TRACKING_URI"] = mlflow_server.url
+    result = subprocess.run(
+        [sys.executable, "-c", REGISTER_TWO_VERSIONS, MODEL], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return MODEL
+
+
+@pytest.fixture(scope="module")
+def keys(service) -> dict[str, str]:
+    made = {}
+    with service.client(service.admin_key) as admin:
+        for scope in ("read", "write"):
+            made[scope] = admin.post("/api/v1/keys", json={"name": f"registry {scope}", "scopes": [scope]}).json()[
+                "key"
+            ]
+    return made
+
+
+@pytest.fixture(scope="module")
+def writer(service, keys):
+    with service.client(keys["write"]) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reader(service, keys):
+    with service.client(keys["read"]) as client:
+        yield client
+
+
+def test_list_versions_with_filter_and_pages(reader, model):
+    listed = reader.get("/models/", params={"name": model})
+    assert listed.status_code == 200
+    body = listed.json()
+    assert [(m["name"], m["version"]) for m in body["models"]] == [(model, "2"), (model, "1")] or sorted(
+        m["version"] for m in body["models"]
+    ) == ["1", "2"]
+    first = next(m for m in body["models"] if m["version"] == "1")
+    assert first["status"] == "READY" and first["stage"] == "None" and first["aliases"] == []
+    assert abs(first["created_at"] / 1000 - datetime.now(UTC).timestamp()) < 3600
+    page = reader.get("/api/models/", params={"name": model, "max_results": 1}).json()
+    assert len(page["models"]) == 1 and page["next_page_token"]
+    rest = reader.get("/models/", params={"name": model, "max_results": 1, "page_token": page["next_page_token"]})
+    assert len(rest.json()["models"]) == 1 and rest.json()["models"][0]["version"] != page["models"][0]["version"]
+
+
+def test_get_version_details_and_missing_ones(reader, model):
+    detail = reader.get(f"/models/{model}/1").json()
+    assert detail["name"] == model and detail["version"] == "1" and detail["stage"] == "None"
+    assert detail["source"].startswith("models:/m-") and detail["run_id"]
+    assert detail["updated_at"] >= detail["created_at"]
+    assert reader.get(f"/api/models/{model}/1").json() == detail
+    for path, shown in (
+        (f"/models/{model}/99", f"{model}:99"),
+        (f"/models/{model}/abc", f"{model}:abc"),
+        (f"/models/{model}/0", f"{model}:0"),
+        ("/models/no-such-model/1", "no-such-model:1"),
+    ):
+        missing = reader.get(path)
+        assert missing.status_code == 404 and missing.json() == {"detail": f"Model not found: {shown}"}
+
+
+def test_update_merges_tags_and_sets_the_description(writer, reader, model):
+    first = writer.patch(f"/models/{model}/1", json={"description": "first cut", "tags": {"team": "a", "tmp": "x"}})
+    assert first.status_code == 200
+    assert first.json()["description"] == "first cut" and first.json()["tags"] == {"team": "a", "tmp": "x"}
+    second = writer.patch(f"/models/{model}/1", json={"tags": {"tmp": None, "owner": "b"}})
+    assert second.json()["tags"] == {"team": "a", "owner": "b"} and second.json()["description"] == "first cut"
+    assert reader.get(f"/models/{model}/1").json()["tags"] == {"team": "a", "owner": "b"}
+    assert writer.patch(f"/models/{model}/42", json={"description": "x"}).status_code == 404
+    assert writer.patch(f"/models/{model}/1", json={"tags": {"": "x"}}).status_code == 422
+
+
+def test_transitions_keep_the_stage_alias_in_step(writer, reader, service, model, mlflow_server):
+    to_staging = writer.post(f"/models/{model}/1/transition", json={"stage": "staging"})
+    assert to_staging.status_code == 200
+    assert to_staging.json()["stage"] == "Staging" and to_staging.json()["aliases"] == ["staging"]
+    promoted = writer.post(f"/models/{model}/1/transition", json={"stage": "PRODUCTION"}).json()
+    assert promoted["stage"] == "Production" and promoted["aliases"] == ["production"]
+    # the alias resolves for modern clients: models:/name@production
+    by_alias = httpx.get(
+        f"{mlflow_server.url}/api/2.0/mlflow/registered-models/alias", params={"name": model, "alias": "production"}
+    ).json()
+    assert by_alias["model_version"]["version"] == "1"
+
+    production = reader.get("/models/production").json()["models"]
+    mine = [m for m in production if m["name"] == model]
+    assert [(m["version"], m["stage"]) for m in mine] == [("1", "Production")]
+    deployed = datetime.strptime(mine[0]["deployed_at"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    assert abs((datetime.now(UTC) - deployed).total_seconds()) < 120
+
+    replaced = writer.post(f"/api/models/{model}/2/transition", json={"stage": "Production", "archive_existing": True})
+    assert replaced.json()["stage"] == "Production" and replaced.json()["aliases"] == ["production"]
+    old = reader.get(f"/models/{model}/1").json()
+    assert old["stage"] == "Archived" and "production" not in old["aliases"]
+    assert [m["version"] for m in reader.get("/models/production").json()["models"] if m["name"] == model] == ["2"]
+
+    unknown = writer.post(f"/models/{model}/2/transition", json={"stage": "Live"})
+    assert unknown.status_code == 422 and unknown.json()["detail"][0]["loc"] == ["body", "stage"]
+
+
+def test_read_only_keys_cannot_change_anything(reader, model):
+    assert reader.patch(f"/models/{model}/1", json={"description": "x"}).status_code == 403
+    assert reader.post(f"/models/{model}/1/transition", json={"stage": "None"}).status_code == 403
+    assert reader.delete(f"/models/{model}/1").status_code == 403
+
+
+def test_quotes_in_names_cannot_change_the_query(reader, model):
+    injected = reader.get("/models/", params={"name": f"{model}' OR name LIKE '%"})
+    assert injected.status_code == 200 and injected.json()["models"] == []
+    double = reader.get("/models/", params={"name": f'{model}" OR name LIKE "%'})
+    assert double.status_code == 200 and double.json()["models"] == []
+    both = reader.get("/models/", params={"name": "a'b\"c"})
+    assert both.status_code == 400 and "cannot be searched" in both.json()["detail"]
+
+
+def test_download_is_a_zip_that_loads_and_predicts(reader, model, tmp_path):
+    import zipfile
+
+    import mlflow.pyfunc
+    import numpy as np
+
+    with reader.stream("GET", f"/models/{model}/1/download") as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"] == "application/zip"
+        assert response.headers["content-disposition"] == f'attachment; filename="{model}-1.zip"'
+        archive_path = tmp_path / "model.zip"
+        with open(archive_path, "wb") as out:
+            for chunk in response.iter_bytes():
+                out.write(chunk)
+    with zipfile.ZipFile(archive_path) as archive:
+        assert "MLmodel" in archive.namelist()
+        assert archive.testzip() is None
+        archive.extractall(tmp_path / "model")
+    loaded = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    assert loaded.predict(np.array([[0.0], [1.0]])).tolist() == [0, 1]
+    assert reader.get(f"/models/{model}/77/download").status_code == 404
+
+
+def test_delete_a_version(writer, reader, model):
+    deleted = writer.delete(f"/models/{model}/2")
+    assert deleted.status_code == 200 and deleted.json() == {"message": f"Model {model}:2 deleted successfully"}
+    assert reader.get(f"/models/{model}/2").status_code == 404
+    assert writer.delete(f"/models/{model}/2").status_code == 404
+    assert json.dumps(reader.get("/models/", params={"name": model}).json()).count('"version"') == 1
