@@ -177,3 +177,61 @@ def test_delete_a_version(writer, reader, model):
     assert reader.get(f"/models/{model}/2").status_code == 404
     assert writer.delete(f"/models/{model}/2").status_code == 404
     assert json.dumps(reader.get("/models/", params={"name": model}).json()).count('"version"') == 1
+
+
+def test_batch_reports_each_operation_in_order(writer, reader, model):
+    body = {
+        "operations": [
+            {"action": "set_tags", "model": f"{model}:1", "tags": {"batch": "yes", "drop": "me"}},
+            {"action": "delete_tags", "model": f"{model}:1", "keys": ["drop"]},
+            {"action": "set_alias", "model": f"{model}:1", "alias": "candidate"},
+            {"action": "update_description", "model": f"{model}:404", "description": "nope"},
+            {"action": "transition_stage", "model": f"{model}:1", "stage": "staging"},
+            {"action": "delete_alias", "model": f"{model}:1", "alias": "candidate"},
+        ]
+    }
+    response = writer.post("/models/batch", json=body)
+    assert response.status_code == 200
+    result = response.json()
+    assert (result["total"], result["successful"], result["failed"], result["skipped"]) == (6, 5, 1, 0)
+    assert [r["success"] for r in result["results"]] == [True, True, True, False, True, True]
+    assert result["results"][3]["error"] == f"Model not found: {model}:404"
+    assert result["results"][2]["result"]["aliases"] == ["candidate"]
+    after = reader.get(f"/models/{model}/1").json()
+    assert after["tags"].get("batch") == "yes" and "drop" not in after["tags"]
+    assert after["stage"] == "Staging" and after["aliases"] == ["staging"]
+
+    stopped = writer.post(
+        "/api/models/batch",
+        json={
+            "stop_on_error": True,
+            "operations": [
+                {"action": "update_description", "model": f"{model}:404", "description": "x"},
+                {"action": "update_description", "model": f"{model}:1", "description": "never applied"},
+            ],
+        },
+    ).json()
+    assert (stopped["failed"], stopped["skipped"]) == (1, 1)
+    assert reader.get(f"/models/{model}/1").json()["description"] != "never applied"
+
+
+@pytest.mark.parametrize(
+    ("operations", "bad_index"),
+    [
+        ([{"action": "set_tags", "model": "m:1", "tags": {"a": "b"}}, {"action": "explode", "model": "m:1"}], 1),
+        ([{"action": "set_alias", "model": "no-version", "alias": "x"}], 0),
+        ([{"action": "transition_stage", "model": "m:1", "stage": "Live"}], 0),
+        ([{"action": "set_tags", "model": "m:0", "tags": {"a": "b"}}], 0),
+    ],
+)
+def test_batch_is_validated_whole_before_anything_runs(writer, operations, bad_index):
+    response = writer.post("/models/batch", json={"operations": operations})
+    assert response.status_code == 422
+    assert any(error["loc"][:3] == ["body", "operations", bad_index] for error in response.json()["detail"])
+
+
+def test_batch_limits_and_scope(writer, reader, model):
+    too_many = [{"action": "set_tags", "model": f"{model}:1", "tags": {"n": str(i)}} for i in range(101)]
+    assert writer.post("/models/batch", json={"operations": too_many}).status_code == 422
+    assert writer.post("/models/batch", json={"operations": []}).status_code == 422
+    assert reader.post("/models/batch", json={"operations": too_many[:1]}).status_code == 403

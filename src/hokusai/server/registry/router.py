@@ -9,6 +9,8 @@ from hokusai.server.auth.dependencies import require_scope
 from hokusai.server.auth.keys import Scope
 from hokusai.server.auth.store import ApiKeyInfo
 from hokusai.server.registry.schemas import (
+    BatchRequest,
+    BatchResponse,
     Message,
     ModelList,
     ModelVersionDetail,
@@ -37,6 +39,12 @@ async def list_models(
     page_token: str | None = Query(None),
 ) -> ModelList:
     return await registry(request).list_versions(name, max_results, page_token)
+
+
+@router.post("/batch", response_model=BatchResponse)
+async def batch_operations(body: BatchRequest, request: Request, key: ApiKeyInfo = Depends(write)) -> BatchResponse:
+    """Every action changes the registry, so the batch needs `write`, as each operation would alone."""
+    return await registry(request).run_batch(body.operations, body.stop_on_error, key.id)
 
 
 @router.get("/production", response_model=ProductionList, dependencies=[Depends(read)])

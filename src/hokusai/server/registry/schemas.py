@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, Field, field_validator
 
 Stage = Literal["None", "Staging", "Production", "Archived"]
 STAGES: dict[str, Stage] = {stage.lower(): stage for stage in ("None", "Staging", "Production", "Archived")}
@@ -45,14 +45,17 @@ class ModelVersionUpdate(BaseModel):
         return tags
 
 
-class StageTransition(BaseModel):
-    stage: Stage
-    archive_existing: bool = False
+def stage_in_any_case(value: object) -> object:
+    """`production`, `PRODUCTION` ... -> `Production`; anything else is left for the Literal to refuse (422)."""
+    return STAGES.get(value.lower(), value) if isinstance(value, str) else value
 
-    @field_validator("stage", mode="before")
-    @classmethod
-    def _any_case(cls, value: object) -> object:
-        return STAGES.get(value.lower(), value) if isinstance(value, str) else value
+
+AnyCaseStage = Annotated[Stage, BeforeValidator(stage_in_any_case)]
+
+
+class StageTransition(BaseModel):
+    stage: AnyCaseStage
+    archive_existing: bool = False
 
 
 class ProductionModel(BaseModel):
@@ -68,3 +71,90 @@ class ProductionList(BaseModel):
 
 class Message(BaseModel):
     message: str
+
+
+# --- batch ---------------------------------------------------------------------------------------------------
+
+MODEL_REFERENCE = r"^.+:[1-9][0-9]*$"
+MAX_BATCH_OPERATIONS = 100
+
+
+class _Operation(BaseModel):
+    model: str = Field(pattern=MODEL_REFERENCE, description='"name:version"')
+
+    @property
+    def name(self) -> str:
+        return self.model.rsplit(":", 1)[0]
+
+    @property
+    def version(self) -> str:
+        return self.model.rsplit(":", 1)[1]
+
+
+class TransitionOperation(_Operation):
+    action: Literal["transition_stage"]
+    stage: AnyCaseStage
+    archive_existing: bool = False
+
+
+class SetTagsOperation(_Operation):
+    action: Literal["set_tags"]
+    tags: dict[str, str] = Field(min_length=1)
+
+
+class DeleteTagsOperation(_Operation):
+    action: Literal["delete_tags"]
+    keys: list[str] = Field(min_length=1)
+
+
+class SetAliasOperation(_Operation):
+    action: Literal["set_alias"]
+    alias: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_-]+$")
+
+
+class DeleteAliasOperation(_Operation):
+    action: Literal["delete_alias"]
+    alias: str = Field(min_length=1, max_length=255)
+
+
+class UpdateDescriptionOperation(_Operation):
+    action: Literal["update_description"]
+    description: str = Field(max_length=5000)
+
+
+class DeleteVersionOperation(_Operation):
+    action: Literal["delete_version"]
+
+
+BatchOperation = Annotated[
+    TransitionOperation
+    | SetTagsOperation
+    | DeleteTagsOperation
+    | SetAliasOperation
+    | DeleteAliasOperation
+    | UpdateDescriptionOperation
+    | DeleteVersionOperation,
+    Field(discriminator="action"),
+]
+
+
+class BatchRequest(BaseModel):
+    operations: list[BatchOperation] = Field(min_length=1, max_length=MAX_BATCH_OPERATIONS)
+    stop_on_error: bool = False
+
+
+class BatchResult(BaseModel):
+    index: int
+    action: str
+    model: str
+    success: bool
+    error: str | None = None
+    result: dict | None = None
+
+
+class BatchResponse(BaseModel):
+    total: int
+    successful: int
+    failed: int
+    skipped: int
+    results: list[BatchResult]

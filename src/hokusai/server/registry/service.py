@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select, tuple_
 
 from hokusai.server.db import Database, utcnow
-from hokusai.server.errors import InvalidRequest, NotFound
+from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound
 from hokusai.server.mlflow.upstream import MlflowUpstream, UpstreamFailed
 from hokusai.server.registry.download import (
     DownloadPlan,
@@ -23,12 +23,22 @@ from hokusai.server.registry.download import (
 )
 from hokusai.server.registry.models import StageTransitionRow
 from hokusai.server.registry.schemas import (
+    BatchOperation,
+    BatchResponse,
+    BatchResult,
+    DeleteAliasOperation,
+    DeleteTagsOperation,
+    DeleteVersionOperation,
     ModelList,
     ModelVersionDetail,
     ModelVersionSummary,
     ModelVersionUpdate,
     ProductionModel,
+    SetAliasOperation,
+    SetTagsOperation,
     Stage,
+    TransitionOperation,
+    UpdateDescriptionOperation,
 )
 
 API = "/api/2.0/mlflow"
@@ -223,6 +233,67 @@ class RegistryService:
 
     def download(self, plan: DownloadPlan) -> AsyncIterator[bytes]:
         return zip_stream(self._upstream, plan)
+
+    async def set_alias(self, name: str, version: str, alias: str) -> ModelVersionDetail:
+        current = await self.get_version(name, version)
+        await self._mlflow(
+            "POST", "/registered-models/alias", json={"name": name, "alias": alias, "version": current.version}
+        )
+        return await self.get_version(name, current.version)
+
+    async def delete_alias(self, name: str, version: str, alias: str) -> ModelVersionDetail:
+        current = await self.get_version(name, version)
+        if alias not in current.aliases:
+            raise InvalidRequest(f"Alias {alias!r} does not point to {name}:{current.version}")
+        await self._mlflow("DELETE", "/registered-models/alias", json={"name": name, "alias": alias})
+        return await self.get_version(name, current.version)
+
+    async def run_batch(
+        self, operations: list[BatchOperation], stop_on_error: bool, key_id: str | None
+    ) -> BatchResponse:
+        """Each operation in order; a failure is reported in its result (and, with stop_on_error, ends the run)."""
+        results: list[BatchResult] = []
+        stopped = False
+        for index, operation in enumerate(operations):
+            outcome = BatchResult(index=index, action=operation.action, model=operation.model, success=False)
+            if stopped:
+                outcome.error = "Skipped: an earlier operation failed and stop_on_error is set"
+            else:
+                try:
+                    outcome.result = await self._apply(operation, key_id)
+                    outcome.success = True
+                except HokusaiError as exc:
+                    outcome.error = exc.detail
+                    stopped = stop_on_error
+            results.append(outcome)
+        skipped = sum(1 for r in results if r.error and r.error.startswith("Skipped"))
+        successful = sum(1 for r in results if r.success)
+        return BatchResponse(
+            total=len(results),
+            successful=successful,
+            failed=len(results) - successful - skipped,
+            skipped=skipped,
+            results=results,
+        )
+
+    async def _apply(self, operation: BatchOperation, key_id: str | None) -> dict:
+        name, version = operation.name, operation.version
+        match operation:
+            case TransitionOperation():
+                done = await self.transition(name, version, operation.stage, operation.archive_existing, key_id)
+            case SetTagsOperation():
+                done = await self.update_version(name, version, ModelVersionUpdate(tags=dict(operation.tags)))
+            case DeleteTagsOperation():
+                done = await self.update_version(name, version, ModelVersionUpdate(tags=dict.fromkeys(operation.keys)))
+            case SetAliasOperation():
+                done = await self.set_alias(name, version, operation.alias)
+            case DeleteAliasOperation():
+                done = await self.delete_alias(name, version, operation.alias)
+            case UpdateDescriptionOperation():
+                done = await self.update_version(name, version, ModelVersionUpdate(description=operation.description))
+            case DeleteVersionOperation():
+                return {"message": await self.delete_version(name, version)}
+        return done.model_dump()
 
     async def production_versions(self) -> list[ProductionModel]:
         """Every version in Production. MLflow cannot filter by stage, so versions are read a page of 1,000 at a
