@@ -235,3 +235,123 @@ def test_batch_limits_and_scope(writer, reader, model):
     assert writer.post("/models/batch", json={"operations": too_many}).status_code == 422
     assert writer.post("/models/batch", json={"operations": []}).status_code == 422
     assert reader.post("/models/batch", json={"operations": too_many[:1]}).status_code == 403
+
+
+REGISTER = "/models/register"
+
+
+@pytest.fixture(scope="module")
+def logged_model(mlflow_server) -> dict[str, str]:
+    """A run with a logged model (MLflow 3: models:/m-...) and a plain artifact that is not a model."""
+    script = """
+import json, sys, tempfile, warnings
+warnings.filterwarnings("ignore")
+import mlflow, numpy as np
+from sklearn.linear_model import LogisticRegression
+mlflow.set_experiment("registration-sources")
+with mlflow.start_run() as run:
+    info = mlflow.sklearn.log_model(LogisticRegression().fit(np.array([[0.0], [1.0]]), [0, 1]), name="churn-model")
+    with tempfile.NamedTemporaryFile("w", suffix=".txt") as notes:
+        notes.write("not a model")
+        notes.flush()
+        mlflow.log_artifact(notes.name, artifact_path="docs")
+print(json.dumps({"run_id": run.info.run_id, "model_id": info.model_id,
+                  "artifact_uri": run.info.artifact_uri}))
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HOKUSAI_"))}
+    env["MLFLOW_TRACKING_URI"] = mlflow_server.url
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_register_from_each_kind_of_source(writer, reader, logged_model):
+    model_id_uri = f"models:/{logged_model['model_id']}"
+    first = writer.post(
+        REGISTER,
+        json={
+            "model_data": model_id_uri,
+            "model_type": "classification",
+            "model_name": "registered-churn",
+            "metadata": {
+                "hokusai_token_id": "churn",
+                "benchmark_metric": "accuracy",
+                "benchmark_value": 0.91,
+                "contributor_address": "0x" + "ab" * 20,
+            },
+        },
+    )
+    assert first.status_code == 201, first.text
+    body = first.json()
+    assert body["model_name"] == "registered-churn" and body["version"] == "1"
+    assert body["model_id"].startswith("mdl_")
+    assert datetime.strptime(body["registration_timestamp"], "%Y-%m-%dT%H:%M:%SZ")
+    tags = reader.get("/models/registered-churn/1").json()["tags"]
+    assert tags["hokusai_token_id"] == "churn" and tags["benchmark_value"] == "0.91"
+    assert tags["contributor_address"] == "0x" + "ab" * 20 and tags["model_type"] == "classification"
+
+    sources = [f"runs:/{logged_model['run_id']}/churn-model", "models:/registered-churn/1"]
+    for expected_version, source in enumerate(sources, start=2):
+        again = writer.post(
+            REGISTER, json={"model_data": source, "model_type": "classification", "model_name": "registered-churn"}
+        )
+        assert again.status_code == 201, again.text
+        assert again.json()["version"] == str(expected_version)
+        assert again.json()["model_id"] == body["model_id"]  # stable across versions
+
+    unnamed = writer.post(REGISTER, json={"model_data": model_id_uri, "model_type": "classification"})
+    assert unnamed.status_code == 201 and unnamed.json()["model_name"] == "churn-model"  # the logged model's name
+
+
+@pytest.mark.parametrize(
+    ("model_data", "reason"),
+    [
+        ("models:/m-00000000000000000000000000000000", "logged model m-00000000000000000000000000000000"),
+        ("runs:/00000000000000000000000000000000/model", "run 00000000000000000000000000000000"),
+        ("models:/no-such-registered-model/3", "model version no-such-registered-model:3"),
+        ("s3://bucket/model", "must be a model URI"),
+    ],
+)
+def test_sources_that_do_not_exist_are_400_with_the_reason(writer, model_data, reason):
+    response = writer.post(REGISTER, json={"model_data": model_data, "model_type": "c", "model_name": "nowhere"})
+    assert response.status_code == 400 and reason in response.json()["detail"]
+
+
+def test_plain_artifacts_need_an_mlmodel_and_a_name(writer, logged_model):
+    docs = writer.post(
+        REGISTER,
+        json={"model_data": f"runs:/{logged_model['run_id']}/docs", "model_type": "c", "model_name": "docs-model"},
+    )
+    assert docs.status_code == 400 and "no MLmodel" in docs.json()["detail"]
+    served = writer.post(
+        REGISTER,
+        json={"model_data": f"{logged_model['artifact_uri']}/docs", "model_type": "c", "model_name": "docs-model"},
+    )
+    assert served.status_code == 400
+
+
+@pytest.mark.parametrize("name", ["production", "Register", "compare", "batch", "evaluate", "contributors", "a/b"])
+def test_reserved_or_unaddressable_names_are_refused(writer, logged_model, name):
+    response = writer.post(
+        REGISTER, json={"model_data": f"models:/{logged_model['model_id']}", "model_type": "c", "model_name": name}
+    )
+    assert response.status_code == 422 and response.json()["detail"][0]["loc"] == ["body", "model_name"]
+
+
+def test_register_is_idempotent_with_an_idempotency_key(writer, reader, logged_model):
+    request = {"model_data": f"models:/{logged_model['model_id']}", "model_type": "c", "model_name": "idem-model"}
+    first = writer.post(REGISTER, json=request, headers={"Idempotency-Key": "retry-1"})
+    again = writer.post("/api/models/register", json=request, headers={"Idempotency-Key": "retry-1"})
+    assert first.status_code == again.status_code == 201 and first.json() == again.json()
+    assert len(reader.get("/models/", params={"name": "idem-model"}).json()["models"]) == 1
+    other = writer.post(REGISTER, json={**request, "model_type": "other"}, headers={"Idempotency-Key": "retry-1"})
+    assert other.status_code == 409
+    fresh = writer.post(REGISTER, json=request, headers={"Idempotency-Key": "retry-2"})
+    assert fresh.json()["version"] == "2"
+    failed = writer.post(
+        REGISTER, json={**request, "model_data": "models:/m-" + "0" * 32}, headers={"Idempotency-Key": "retry-3"}
+    )
+    assert failed.status_code == 400
+    after_fix = writer.post(REGISTER, json=request, headers={"Idempotency-Key": "retry-3"})
+    assert after_fix.status_code == 201  # a failed attempt does not hold the key
+    assert reader.post(REGISTER, json=request).status_code == 403

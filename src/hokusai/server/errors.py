@@ -31,6 +31,16 @@ class NotFound(HokusaiError):
     status_code = 404
 
 
+class Conflict(HokusaiError):
+    status_code = 409
+
+
+class Unprocessable(HokusaiError):
+    """Well-formed but unusable input (422), where the problem is only found by looking things up."""
+
+    status_code = 422
+
+
 class AuthenticationError(HokusaiError):
     status_code = 401
     headers = {"WWW-Authenticate": 'Bearer realm="hokusai"'}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Header, Query, Request
 from fastapi.responses import StreamingResponse
 
 from hokusai.server.auth.dependencies import require_scope
@@ -16,6 +16,8 @@ from hokusai.server.registry.schemas import (
     ModelVersionDetail,
     ModelVersionUpdate,
     ProductionList,
+    RegisterRequest,
+    RegisterResponse,
     StageTransition,
 )
 from hokusai.server.registry.service import RegistryService
@@ -39,6 +41,18 @@ async def list_models(
     page_token: str | None = Query(None),
 ) -> ModelList:
     return await registry(request).list_versions(name, max_results, page_token)
+
+
+@router.post("/register", response_model=RegisterResponse, status_code=201)
+async def register_model(
+    body: RegisterRequest,
+    request: Request,
+    key: ApiKeyInfo = Depends(write),
+    idempotency_key: str | None = Header(
+        None, max_length=200, description="Retries with the same key get the first answer"
+    ),
+) -> RegisterResponse:
+    return await registry(request).register(body, key.id, idempotency_key)
 
 
 @router.post("/batch", response_model=BatchResponse)

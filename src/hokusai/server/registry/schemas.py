@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, Field, field_validator
 
@@ -158,3 +158,35 @@ class BatchResponse(BaseModel):
     failed: int
     skipped: int
     results: list[BatchResult]
+
+
+# --- registration --------------------------------------------------------------------------------------------
+
+# Fixed path segments of /models/*: a model with one of these names could never be addressed.
+RESERVED_MODEL_NAMES = frozenset({"compare", "evaluate", "production", "register", "batch", "contributors"})
+
+
+class RegisterRequest(BaseModel):
+    model_data: str = Field(
+        min_length=1, description="runs:/..., models:/m-..., models:/name/version, mlflow-artifacts:/..."
+    )
+    model_type: str = Field(min_length=1, max_length=100)
+    model_name: str | None = Field(None, min_length=1, max_length=256)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="Becomes the version's tags")
+
+    @field_validator("model_name")
+    @classmethod
+    def _addressable(cls, name: str | None) -> str | None:
+        if name is not None:
+            if name.strip() != name or "/" in name or ":" in name:
+                raise ValueError("model names cannot contain '/', ':' or surrounding spaces")
+            if name.lower() in RESERVED_MODEL_NAMES:
+                raise ValueError(f"{name!r} is reserved: it is a fixed segment of /models/*")
+        return name
+
+
+class RegisterResponse(BaseModel):
+    model_id: str
+    model_name: str
+    version: str
+    registration_timestamp: str

@@ -12,7 +12,7 @@ from typing import Any
 from sqlalchemy import func, select, tuple_
 
 from hokusai.server.db import Database, utcnow
-from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound
+from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
 from hokusai.server.mlflow.upstream import MlflowUpstream, UpstreamFailed
 from hokusai.server.registry.download import (
     DownloadPlan,
@@ -22,7 +22,9 @@ from hokusai.server.registry.download import (
     zip_stream,
 )
 from hokusai.server.registry.models import StageTransitionRow
+from hokusai.server.registry.registration import IdempotencyStore, resolve_source, stable_model_id, version_tags
 from hokusai.server.registry.schemas import (
+    RESERVED_MODEL_NAMES,
     BatchOperation,
     BatchResponse,
     BatchResult,
@@ -34,6 +36,8 @@ from hokusai.server.registry.schemas import (
     ModelVersionSummary,
     ModelVersionUpdate,
     ProductionModel,
+    RegisterRequest,
+    RegisterResponse,
     SetAliasOperation,
     SetTagsOperation,
     Stage,
@@ -102,6 +106,7 @@ class RegistryService:
     def __init__(self, upstream: MlflowUpstream, database: Database) -> None:
         self._upstream = upstream
         self._database = database
+        self._idempotency = IdempotencyStore(database)
 
     async def _mlflow(
         self,
@@ -111,10 +116,14 @@ class RegistryService:
         params: dict[str, str] | None = None,
         json: Any = None,
         not_found: NotFound | None = None,
+        tolerated: frozenset[str] = frozenset(),
     ) -> dict[str, Any]:
+        """One MLflow REST call; its errors as ours (`tolerated` MLflow error codes count as success)."""
         response = await self._upstream.request(method, API + path, params=params, json=json)
         body = response.json() if response.body else {}
         if response.status_code < 400:
+            return body
+        if isinstance(body, dict) and body.get("error_code") in tolerated:
             return body
         message = body.get("message", "") if isinstance(body, dict) else ""
         if response.status_code == 404 and not_found is not None:
@@ -294,6 +303,51 @@ class RegistryService:
             case DeleteVersionOperation():
                 return {"message": await self.delete_version(name, version)}
         return done.model_dump()
+
+    async def register(self, request: RegisterRequest, key_id: str, idempotency_key: str | None) -> RegisterResponse:
+        """A new version from a model URI. With an Idempotency-Key, a retry gets the first answer and no new version."""
+        if idempotency_key is None:
+            return await self._register(request)
+        fingerprint = self._idempotency.fingerprint(request.model_dump())
+        first = await self._idempotency.reserve(key_id, idempotency_key, fingerprint)
+        if first is not None:
+            return RegisterResponse(**first)
+        try:
+            answer = await self._register(request)
+        except BaseException:
+            await self._idempotency.release(key_id, idempotency_key)
+            raise
+        await self._idempotency.complete(key_id, idempotency_key, answer.model_dump())
+        return answer
+
+    async def _register(self, request: RegisterRequest) -> RegisterResponse:
+        resolved = await resolve_source(self._mlflow, request.model_data)
+        name = request.model_name or resolved.name
+        if not name:
+            raise Unprocessable(f"model_name is required: {request.model_data} carries no model name")
+        if name.lower() in RESERVED_MODEL_NAMES:
+            raise Unprocessable(f"{name!r} is reserved (a fixed segment of /models/*): give another model_name")
+        await self._mlflow(
+            "POST",
+            "/registered-models/create",
+            json={"name": name},
+            tolerated=frozenset({"RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"}),
+        )
+        model_id = await stable_model_id(self._database, self._mlflow, name)
+        payload: dict[str, Any] = {
+            "name": name,
+            "source": resolved.source,
+            "tags": version_tags(request.model_type, request.metadata, model_id),
+        }
+        if resolved.run_id:
+            payload["run_id"] = resolved.run_id
+        if resolved.model_id:
+            payload["model_id"] = resolved.model_id
+        created = (await self._mlflow("POST", "/model-versions/create", json=payload))["model_version"]
+        registered_at = datetime.fromtimestamp(int(created.get("creation_timestamp", 0)) / 1000, UTC)
+        return RegisterResponse(
+            model_id=model_id, model_name=name, version=created["version"], registration_timestamp=_iso(registered_at)
+        )
 
     async def production_versions(self) -> list[ProductionModel]:
         """Every version in Production. MLflow cannot filter by stage, so versions are read a page of 1,000 at a
