@@ -57,8 +57,9 @@ def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable
 
 @pytest.fixture(scope="session")
 def service(start_service: Callable[..., ServiceProcess], mlflow_server: MlflowServer) -> ServiceProcess:
-    """The shared service: SQLite database, the session's MLflow, a 1 s key cache so revocations show quickly."""
-    return start_service(mlflow_url=mlflow_server.url, auth_cache_ttl="1")
+    """The shared service: SQLite database, the session's MLflow, a 1 s key cache so revocations show quickly, and
+    room for the many registrations the registry tests make (the 20/minute policy has tests of its own)."""
+    return start_service(mlflow_url=mlflow_server.url, auth_cache_ttl="1", rate_limit_registration="1000/minute")
 
 
 @pytest.fixture(scope="session")

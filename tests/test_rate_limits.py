@@ -200,3 +200,17 @@ def test_redis_stopped_mid_run_can_fail_closed(start_service, mlflow_server, own
     own_redis.stop()
     refused = call(service, key)
     assert refused.status_code == 503 and refused.json()["detail"] == "Rate limiting is unavailable"
+
+
+def test_registration_policy_counts_both_prefixes(start_service, mlflow_server):
+    service = start_service(mlflow_url=mlflow_server.url, rate_limit_registration="3/minute")
+    key = new_key(service, scopes=["write"], rate_limit_per_hour=100)
+    body = {"model_data": "models:/m-" + "0" * 32, "model_type": "c", "model_name": "limited"}
+    with service.client(key) as client:
+        statuses = [
+            client.post(prefix + "/register", json=body).status_code
+            for prefix in ("/models", "/api/models", "/models", "/api/models")
+        ]
+        assert statuses == [400, 400, 400, 429]  # refused or not, each attempt is a registration request
+        other = client.get("/models/", params={"name": "limited"})
+    assert other.status_code == 200 and other.headers["x-ratelimit-limit"] == "100"

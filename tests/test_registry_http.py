@@ -84,6 +84,8 @@ def test_get_version_details_and_missing_ones(reader, model):
     assert detail["source"].startswith("models:/m-") and detail["run_id"]
     assert detail["updated_at"] >= detail["created_at"]
     assert reader.get(f"/api/models/{model}/1").json() == detail
+    metrics = httpx.get(f"{reader.base_url}/metrics").text  # labelled by template, never by the model's name
+    assert 'route="/api/models/{model_name}/{version}"' in metrics and model not in metrics
     for path, shown in (
         (f"/models/{model}/99", f"{model}:99"),
         (f"/models/{model}/abc", f"{model}:abc"),
@@ -355,3 +357,69 @@ def test_register_is_idempotent_with_an_idempotency_key(writer, reader, logged_m
     after_fix = writer.post(REGISTER, json=request, headers={"Idempotency-Key": "retry-3"})
     assert after_fix.status_code == 201  # a failed attempt does not hold the key
     assert reader.post(REGISTER, json=request).status_code == 403
+
+
+@pytest.mark.slow
+def test_download_of_a_500_mb_model_keeps_memory_flat(service, writer, mlflow_server, tmp_path):
+    """A pyfunc model carrying a 500 MB artifact, registered, then downloaded as a zip through the service."""
+    import threading
+    import zipfile
+
+    import psutil
+
+    script = """
+import os, sys, tempfile, warnings
+warnings.filterwarnings("ignore")
+import mlflow
+class Echo(mlflow.pyfunc.PythonModel):
+    def predict(self, context, model_input):
+        return model_input
+with tempfile.TemporaryDirectory() as scratch:
+    blob = os.path.join(scratch, "weights.bin")
+    with open(blob, "wb") as out:
+        for _ in range(500):
+            out.write(os.urandom(1024 * 1024))
+    mlflow.set_experiment("big-model")
+    with mlflow.start_run():
+        info = mlflow.pyfunc.log_model(name="big", python_model=Echo(), artifacts={"weights": blob})
+print(info.model_id)
+"""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HOKUSAI_"))}
+    env["MLFLOW_TRACKING_URI"] = mlflow_server.url
+    logged = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=600)
+    assert logged.returncode == 0, logged.stderr[-3000:]
+    model_id = logged.stdout.strip().splitlines()[-1]
+    registered = writer.post(
+        "/models/register", json={"model_data": f"models:/{model_id}", "model_type": "blob", "model_name": "big-model"}
+    )
+    assert registered.status_code == 201, registered.text
+
+    process = psutil.Process(service.process.pid)
+    baseline = process.memory_info().rss
+    peak = [baseline]
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            done.wait(0.02)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    archive_path = tmp_path / "big.zip"
+    try:
+        with writer.stream("GET", "/models/big-model/1/download", timeout=600) as response:
+            assert response.status_code == 200
+            with open(archive_path, "wb") as out:
+                for chunk in response.iter_bytes(1024 * 1024):
+                    out.write(chunk)
+    finally:
+        done.set()
+        sampler.join()
+    with zipfile.ZipFile(archive_path) as archive:
+        sizes = {info.filename: info.file_size for info in archive.infolist()}
+        assert archive.testzip() is None
+    assert sizes["artifacts/weights.bin"] == 500 * 1024 * 1024 and "MLmodel" in sizes
+    growth_mb = (peak[0] - baseline) / 2**20
+    print(f"service RSS growth while streaming a 500 MB model zip: {growth_mb:.1f} MB")
+    assert growth_mb < 50

@@ -15,7 +15,7 @@ from hokusai.server.errors import install_error_handlers
 from hokusai.server.health.router import router as health_router
 from hokusai.server.middleware import RequestContextMiddleware
 from hokusai.server.mlflow.proxy import MlflowGateway
-from hokusai.server.registry.router import router as registry_router
+from hokusai.server.registry.router import build_router as build_registry_router
 from hokusai.server.runtime import AdminKeyAnnouncer, Runtime
 
 
@@ -50,7 +50,7 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
     app.include_router(health_router)
     app.include_router(keys_router)
     for prefix in ("/models", "/api/models"):  # the production base URL is /api
-        app.include_router(registry_router, prefix=prefix)
+        app.include_router(build_registry_router(prefix))
     app.add_middleware(MlflowGateway)  # /mlflow/* and /api/mlflow/*, inside the request context below
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -23,7 +23,6 @@ from hokusai.server.registry.schemas import (
 from hokusai.server.registry.service import RegistryService
 from hokusai.server.runtime import get_runtime
 
-router = APIRouter(tags=["models"])
 read = require_scope(Scope.READ)
 write = require_scope(Scope.WRITE)
 
@@ -32,8 +31,6 @@ def registry(request: Request) -> RegistryService:
     return get_runtime(request).registry
 
 
-# Fixed segments first: `production` is never taken for a model name.
-@router.get("/", response_model=ModelList, dependencies=[Depends(read)])
 async def list_models(
     request: Request,
     name: str | None = Query(None, description="Only the versions of this model"),
@@ -43,7 +40,6 @@ async def list_models(
     return await registry(request).list_versions(name, max_results, page_token)
 
 
-@router.post("/register", response_model=RegisterResponse, status_code=201)
 async def register_model(
     body: RegisterRequest,
     request: Request,
@@ -55,40 +51,29 @@ async def register_model(
     return await registry(request).register(body, key.id, idempotency_key)
 
 
-@router.post("/batch", response_model=BatchResponse)
 async def batch_operations(body: BatchRequest, request: Request, key: ApiKeyInfo = Depends(write)) -> BatchResponse:
     """Every action changes the registry, so the batch needs `write`, as each operation would alone."""
     return await registry(request).run_batch(body.operations, body.stop_on_error, key.id)
 
 
-@router.get("/production", response_model=ProductionList, dependencies=[Depends(read)])
 async def production_models(request: Request) -> ProductionList:
     return ProductionList(models=await registry(request).production_versions())
 
 
-@router.get("/{model_name}/{version}", response_model=ModelVersionDetail, dependencies=[Depends(read)])
 async def get_model_version(model_name: str, version: str, request: Request) -> ModelVersionDetail:
     return await registry(request).get_version(model_name, version)
 
 
-@router.patch("/{model_name}/{version}", response_model=ModelVersionDetail, dependencies=[Depends(write)])
 async def update_model_version(
     model_name: str, version: str, update: ModelVersionUpdate, request: Request
 ) -> ModelVersionDetail:
     return await registry(request).update_version(model_name, version, update)
 
 
-@router.delete("/{model_name}/{version}", response_model=Message, dependencies=[Depends(write)])
 async def delete_model_version(model_name: str, version: str, request: Request) -> Message:
     return Message(message=await registry(request).delete_version(model_name, version))
 
 
-@router.get(
-    "/{model_name}/{version}/download",
-    dependencies=[Depends(read)],
-    response_class=StreamingResponse,
-    responses={200: {"content": {"application/zip": {}}}},
-)
 async def download_model_version(model_name: str, version: str, request: Request) -> StreamingResponse:
     service = registry(request)
     plan = await service.download_plan(model_name, version)
@@ -99,8 +84,67 @@ async def download_model_version(model_name: str, version: str, request: Request
     )
 
 
-@router.post("/{model_name}/{version}/transition", response_model=ModelVersionDetail)
 async def transition_model_version(
     model_name: str, version: str, body: StageTransition, request: Request, key: ApiKeyInfo = Depends(write)
 ) -> ModelVersionDetail:
     return await registry(request).transition(model_name, version, body.stage, body.archive_existing, key.id)
+
+
+def build_router(prefix: str) -> APIRouter:
+    """The /models routes under `prefix` (`/models`, `/api/models`).
+
+    One router per prefix, declared with it, rather than one router included twice: each route's own path is then
+    the full template (`/api/models/register`), which rate-limit policies and metrics labels are keyed by.
+    Fixed segments come first, so `production` or `register` is never taken for a model name.
+    """
+    router = APIRouter(tags=["models"])
+    router.add_api_route(
+        prefix + "/", list_models, methods=["GET"], response_model=ModelList, dependencies=[Depends(read)]
+    )
+    router.add_api_route(
+        prefix + "/register", register_model, methods=["POST"], response_model=RegisterResponse, status_code=201
+    )
+    router.add_api_route(prefix + "/batch", batch_operations, methods=["POST"], response_model=BatchResponse)
+    router.add_api_route(
+        prefix + "/production",
+        production_models,
+        methods=["GET"],
+        response_model=ProductionList,
+        dependencies=[Depends(read)],
+    )
+    router.add_api_route(
+        prefix + "/{model_name}/{version}",
+        get_model_version,
+        methods=["GET"],
+        response_model=ModelVersionDetail,
+        dependencies=[Depends(read)],
+    )
+    router.add_api_route(
+        prefix + "/{model_name}/{version}",
+        update_model_version,
+        methods=["PATCH"],
+        response_model=ModelVersionDetail,
+        dependencies=[Depends(write)],
+    )
+    router.add_api_route(
+        prefix + "/{model_name}/{version}",
+        delete_model_version,
+        methods=["DELETE"],
+        response_model=Message,
+        dependencies=[Depends(write)],
+    )
+    router.add_api_route(
+        prefix + "/{model_name}/{version}/download",
+        download_model_version,
+        methods=["GET"],
+        dependencies=[Depends(read)],
+        response_class=StreamingResponse,
+        responses={200: {"content": {"application/zip": {}}}},
+    )
+    router.add_api_route(
+        prefix + "/{model_name}/{version}/transition",
+        transition_model_version,
+        methods=["POST"],
+        response_model=ModelVersionDetail,
+    )
+    return router
