@@ -423,3 +423,51 @@ print(info.model_id)
     growth_mb = (peak[0] - baseline) / 2**20
     print(f"service RSS growth while streaming a 500 MB model zip: {growth_mb:.1f} MB")
     assert growth_mb < 50
+
+
+def _admin_write_key(service) -> str:
+    with service.client(service.admin_key) as admin:
+        return admin.post("/api/v1/keys", json={"name": "cache", "scopes": ["write"]}).json()["key"]
+
+
+def test_reads_are_cached_and_every_write_through_the_service_drops_them(start_service, mlflow_server, model):
+    service = start_service(mlflow_url=mlflow_server.url, registry_cache_ttl="60")
+    key = _admin_write_key(service)
+    direct = f"{mlflow_server.url}/api/2.0/mlflow/model-versions/update"
+    with service.client(key) as client:
+        before = client.get(f"/models/{model}/1").json()["description"]
+        listed_before = client.get("/models/", params={"name": model}).json()
+        # A write straight to MLflow is not seen while the cached answer lives (here 60 s) ...
+        httpx.patch(direct, json={"name": model, "version": "1", "description": "written behind our back"})
+        assert client.get(f"/models/{model}/1").json()["description"] == before
+        assert client.get("/models/", params={"name": model}).json() == listed_before
+        # ... a write through the gateway is seen at once,
+        through_gateway = client.patch(
+            "/mlflow/api/2.0/mlflow/model-versions/update",
+            json={"name": model, "version": "1", "description": "via the gateway"},
+        )
+        assert through_gateway.status_code == 200
+        assert client.get(f"/models/{model}/1").json()["description"] == "via the gateway"
+        # ... and so is one through /models.
+        client.patch(f"/models/{model}/1", json={"tags": {"cache": "dropped"}})
+        assert client.get("/models/", params={"name": model}).json() != listed_before
+        assert client.get(f"/api/models/{model}/1").json()["tags"]["cache"] == "dropped"
+
+
+@pytest.mark.redis
+def test_the_cache_and_its_invalidation_are_shared_through_redis(
+    start_service, mlflow_server, redis_url, model, tmp_path
+):
+    shared = {
+        "mlflow_url": mlflow_server.url,
+        "redis_url": redis_url,
+        "registry_cache_ttl": "60",
+        "database_url": f"sqlite:///{tmp_path / 'shared.db'}",
+    }
+    first = start_service(**shared)
+    second = start_service(**shared, bootstrap=False)
+    key = _admin_write_key(first)
+    with first.client(key) as reader_a, second.client(key) as writer_b:
+        reader_a.get(f"/models/{model}/1")
+        writer_b.patch(f"/models/{model}/1", json={"description": "written by the other process"})
+        assert reader_a.get(f"/models/{model}/1").json()["description"] == "written by the other process"

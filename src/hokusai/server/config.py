@@ -62,6 +62,12 @@ class Settings(BaseSettings):
     rate_limit_auth_failures: str = Field("60/minute", description="Failed authentications per client address")
     rate_limit_fail_open: bool = Field(True, description="Serve without limits (true) or answer 503 when Redis is down")
 
+    registry_cache_ttl: float = Field(
+        2.0,
+        ge=0,
+        description="Seconds list/get answers are cached; how late a write made straight to MLflow shows",
+    )
+
     bootstrap_admin_key: SecretStr | None = None
     auth_cache_ttl: float = Field(5.0, ge=0, description="Seconds a validated key is trusted without a database read")
     health_check_timeout: float = Field(2.0, gt=0)

@@ -23,6 +23,7 @@ from hokusai.server.mlflow.embedded import EmbeddedMlflow
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.ratelimit.policies import parse_limit, route_limits
 from hokusai.server.ratelimit.service import RequestRateLimiter
+from hokusai.server.registry.cache import RegistryReadCache
 from hokusai.server.registry.service import RegistryService
 
 logger = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class Runtime:
             embedded_mlflow=embedded,
             redis=redis,
             rate_limiter=build_rate_limiter(settings),
-            registry=RegistryService(mlflow, database),
+            registry=RegistryService(mlflow, database, RegistryReadCache(settings.registry_cache_ttl, redis)),
             build=await anyio.to_thread.run_sync(read_build_info, settings),
             started_at=time.monotonic(),
         )

@@ -22,6 +22,7 @@ from starlette.responses import Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hokusai.server.auth.dependencies import authenticate
+from hokusai.server.auth.keys import Scope as KeyScope
 from hokusai.server.auth.keys import grants
 from hokusai.server.auth.store import ApiKeyInfo
 from hokusai.server.errors import HokusaiError, PermissionDenied, error_response_for
@@ -52,6 +53,11 @@ SMALL_BODY_BYTES = 256 * 1024
 DOWNLOAD_CHUNK_BYTES = 1024 * 1024  # bounded: at most this much of a download is held per request
 
 ROUTES = {prefix: GatewayRoute(f"{prefix}/{{path:path}}") for prefix in GATEWAY_PREFIXES}
+
+
+def changes_registry(upstream_path: bytes) -> bool:
+    """A write to registered models or versions: what /models answers may have changed."""
+    return b"/registered-models" in upstream_path or b"/model-versions" in upstream_path
 
 
 def gateway_prefix(path: str) -> str | None:
@@ -99,6 +105,8 @@ async def forward(request: Request, prefix: str, key: ApiKeyInfo) -> Response:
     upstream_response = await upstream.open(
         request.method, path, upstream_query(scope.get("query_string", b"")), headers, body=await _body(request)
     )
+    if needed is KeyScope.WRITE and changes_registry(path):
+        await get_runtime(request).registry.cache.invalidate()
     if _declared_length(upstream_response.headers.get("content-length")) <= SMALL_BODY_BYTES:
         # Small JSON answers (most MLflow calls) go out in one message: streaming costs more than it saves here.
         try:

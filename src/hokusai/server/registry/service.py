@@ -5,7 +5,10 @@ Knows nothing of HTTP: it raises ModelNotFound, InvalidRequest or the upstream's
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
@@ -14,6 +17,7 @@ from sqlalchemy import func, select, tuple_
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
 from hokusai.server.mlflow.upstream import MlflowUpstream, UpstreamFailed
+from hokusai.server.registry.cache import RegistryReadCache
 from hokusai.server.registry.download import (
     DownloadPlan,
     archive_filename,
@@ -103,10 +107,11 @@ def _detail(raw: dict[str, Any]) -> ModelVersionDetail:
 
 
 class RegistryService:
-    def __init__(self, upstream: MlflowUpstream, database: Database) -> None:
+    def __init__(self, upstream: MlflowUpstream, database: Database, cache: RegistryReadCache) -> None:
         self._upstream = upstream
         self._database = database
         self._idempotency = IdempotencyStore(database)
+        self.cache = cache
 
     async def _mlflow(
         self,
@@ -133,6 +138,15 @@ class RegistryService:
         raise UpstreamFailed(response.status_code, message)
 
     async def list_versions(self, name: str | None, max_results: int, page_token: str | None) -> ModelList:
+        key = "list:" + hashlib.sha256(json.dumps([name, max_results, page_token]).encode()).hexdigest()
+        generation = await self.cache.generation()
+        if (cached := await self.cache.get(key, generation)) is not None:
+            return ModelList.model_validate(cached)
+        listed = await self._list_versions(name, max_results, page_token)
+        await self.cache.put(key, generation, listed.model_dump())
+        return listed
+
+    async def _list_versions(self, name: str | None, max_results: int, page_token: str | None) -> ModelList:
         params = {"max_results": str(max_results), "order_by": "name ASC"}
         if name:
             params["filter"] = f"name = {quoted(name)}"
@@ -162,18 +176,29 @@ class RegistryService:
                 aliases.setdefault((model["name"], alias["version"]), []).append(alias["alias"])
         return aliases
 
-    async def get_version(self, name: str, version: str) -> ModelVersionDetail:
+    async def get_version(self, name: str, version: str, fresh: bool = False) -> ModelVersionDetail:
+        """One version; from the read cache unless `fresh` (what a write is based on is always read from MLflow)."""
         version = version_number(name, version)
+        key = "get:" + hashlib.sha256(json.dumps([name, version]).encode()).hexdigest()
+        generation = await self.cache.generation()
+        if not fresh and (cached := await self.cache.get(key, generation)) is not None:
+            return ModelVersionDetail.model_validate(cached)
         found = await self._mlflow(
             "GET",
             "/model-versions/get",
             params={"name": name, "version": version},
             not_found=ModelNotFound(name, version),
         )
-        return _detail(found["model_version"])
+        detail = _detail(found["model_version"])
+        await self.cache.put(key, generation, detail.model_dump())
+        return detail
 
     async def update_version(self, name: str, version: str, update: ModelVersionUpdate) -> ModelVersionDetail:
-        current = await self.get_version(name, version)
+        async with self._writing():
+            return await self._update_version(name, version, update)
+
+    async def _update_version(self, name: str, version: str, update: ModelVersionUpdate) -> ModelVersionDetail:
+        current = await self.get_version(name, version, fresh=True)
         target = {"name": name, "version": current.version}
         if update.description is not None:
             await self._mlflow("PATCH", "/model-versions/update", json={**target, "description": update.description})
@@ -183,23 +208,30 @@ class RegistryService:
                     await self._mlflow("DELETE", "/model-versions/delete-tag", json={**target, "key": key})
             else:
                 await self._mlflow("POST", "/model-versions/set-tag", json={**target, "key": key, "value": value})
-        return await self.get_version(name, current.version)
+        return await self.get_version(name, current.version, fresh=True)
 
     async def delete_version(self, name: str, version: str) -> str:
-        current = await self.get_version(name, version)
-        await self._mlflow(
-            "DELETE",
-            "/model-versions/delete",
-            json={"name": name, "version": current.version},
-            not_found=ModelNotFound(name, version),
-        )
+        async with self._writing():
+            current = await self.get_version(name, version, fresh=True)
+            await self._mlflow(
+                "DELETE",
+                "/model-versions/delete",
+                json={"name": name, "version": current.version},
+                not_found=ModelNotFound(name, version),
+            )
         return f"Model {name}:{current.version} deleted successfully"
 
     async def transition(
         self, name: str, version: str, stage: Stage, archive_existing: bool, key_id: str | None
     ) -> ModelVersionDetail:
         """Move a version to a stage and keep the matching lowercase alias in step with it."""
-        current = await self.get_version(name, version)
+        async with self._writing():
+            return await self._transition(name, version, stage, archive_existing, key_id)
+
+    async def _transition(
+        self, name: str, version: str, stage: Stage, archive_existing: bool, key_id: str | None
+    ) -> ModelVersionDetail:
+        current = await self.get_version(name, version, fresh=True)
         await self._mlflow(
             "POST",
             "/model-versions/transition-stage",
@@ -225,7 +257,7 @@ class RegistryService:
                     model_name=name, version=current.version, stage=stage, key_id=key_id, transitioned_at=utcnow()
                 )
             )
-        return await self.get_version(name, current.version)
+        return await self.get_version(name, current.version, fresh=True)
 
     async def download_plan(self, name: str, version: str) -> DownloadPlan:
         """What a version's zip will hold, found before any byte is sent (so a missing version is still a 404)."""
@@ -244,18 +276,28 @@ class RegistryService:
         return zip_stream(self._upstream, plan)
 
     async def set_alias(self, name: str, version: str, alias: str) -> ModelVersionDetail:
-        current = await self.get_version(name, version)
-        await self._mlflow(
-            "POST", "/registered-models/alias", json={"name": name, "alias": alias, "version": current.version}
-        )
-        return await self.get_version(name, current.version)
+        async with self._writing():
+            current = await self.get_version(name, version, fresh=True)
+            await self._mlflow(
+                "POST", "/registered-models/alias", json={"name": name, "alias": alias, "version": current.version}
+            )
+        return await self.get_version(name, current.version, fresh=True)
 
     async def delete_alias(self, name: str, version: str, alias: str) -> ModelVersionDetail:
-        current = await self.get_version(name, version)
-        if alias not in current.aliases:
-            raise InvalidRequest(f"Alias {alias!r} does not point to {name}:{current.version}")
-        await self._mlflow("DELETE", "/registered-models/alias", json={"name": name, "alias": alias})
-        return await self.get_version(name, current.version)
+        async with self._writing():
+            current = await self.get_version(name, version, fresh=True)
+            if alias not in current.aliases:
+                raise InvalidRequest(f"Alias {alias!r} does not point to {name}:{current.version}")
+            await self._mlflow("DELETE", "/registered-models/alias", json={"name": name, "alias": alias})
+        return await self.get_version(name, current.version, fresh=True)
+
+    @asynccontextmanager
+    async def _writing(self) -> AsyncIterator[None]:
+        """Around every change: the read cache is dropped afterwards, whether the change completed or not."""
+        try:
+            yield
+        finally:
+            await self.cache.invalidate()
 
     async def run_batch(
         self, operations: list[BatchOperation], stop_on_error: bool, key_id: str | None
@@ -307,13 +349,15 @@ class RegistryService:
     async def register(self, request: RegisterRequest, key_id: str, idempotency_key: str | None) -> RegisterResponse:
         """A new version from a model URI. With an Idempotency-Key, a retry gets the first answer and no new version."""
         if idempotency_key is None:
-            return await self._register(request)
+            async with self._writing():
+                return await self._register(request)
         fingerprint = self._idempotency.fingerprint(request.model_dump())
         first = await self._idempotency.reserve(key_id, idempotency_key, fingerprint)
         if first is not None:
             return RegisterResponse(**first)
         try:
-            answer = await self._register(request)
+            async with self._writing():
+                answer = await self._register(request)
         except BaseException:
             await self._idempotency.release(key_id, idempotency_key)
             raise
