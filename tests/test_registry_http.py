@@ -28,10 +28,16 @@ print(json.dumps({"ok": True}))
 """
 
 
-@pytest.fixture(scope="module")
-def model(mlflow_server) -> str:
+def through_the_gateway(service, key: str) -> dict[str, str]:
+    """The environment of a stock mlflow client that talks to MLflow through the service's gateway."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HOKUSAI_"))}
-    env["MLFLOW_TRACKING_URI"] = mlflow_server.url
+    env.update(MLFLOW_TRACKING_URI=f"{service.base_url}/mlflow", MLFLOW_TRACKING_TOKEN=key)
+    return env
+
+
+@pytest.fixture(scope="module")
+def model(service, keys) -> str:
+    env = through_the_gateway(service, keys["write"])
     result = subprocess.run(
         [sys.executable, "-c", REGISTER_TWO_VERSIONS, MODEL], env=env, capture_output=True, text=True, timeout=300
     )
@@ -243,7 +249,7 @@ REGISTER = "/models/register"
 
 
 @pytest.fixture(scope="module")
-def logged_model(mlflow_server) -> dict[str, str]:
+def logged_model(service, keys) -> dict[str, str]:
     """A run with a logged model (MLflow 3: models:/m-...) and a plain artifact that is not a model."""
     script = """
 import json, sys, tempfile, warnings
@@ -260,9 +266,13 @@ with mlflow.start_run() as run:
 print(json.dumps({"run_id": run.info.run_id, "model_id": info.model_id,
                   "artifact_uri": run.info.artifact_uri}))
 """
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HOKUSAI_"))}
-    env["MLFLOW_TRACKING_URI"] = mlflow_server.url
-    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=through_the_gateway(service, keys["write"]),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 

@@ -5,6 +5,7 @@ Knows nothing of HTTP: it raises ModelNotFound, InvalidRequest or the upstream's
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 from collections.abc import AsyncIterator
@@ -152,9 +153,14 @@ class RegistryService:
             params["filter"] = f"name = {quoted(name)}"
         if page_token:
             params["page_token"] = page_token
-        page = await self._mlflow("GET", "/model-versions/search", params=params)
+        search = self._mlflow("GET", "/model-versions/search", params=params)
+        if name:
+            # One model: its aliases can be asked for at the same time as its versions (one round trip of latency).
+            page, aliases = await asyncio.gather(search, self._aliases({name}))
+        else:
+            page = await search
+            aliases = await self._aliases({v["name"] for v in page.get("model_versions", [])})
         versions = page.get("model_versions", [])
-        aliases = await self._aliases({v["name"] for v in versions})
         return ModelList(
             models=[_summary(v, aliases.get((v["name"], v["version"]), [])) for v in versions],
             next_page_token=page.get("next_page_token") or None,
