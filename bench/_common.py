@@ -49,6 +49,27 @@ def spawn(command: list[str], env: dict[str, str] | None = None, cwd: Path | Non
 HOKUSAI_SERVE = [sys.executable, "-m", "hokusai.cli", "serve"]
 
 
+def mlflow_server_command(home: Path, port: int, workers: int, *server_options: str) -> list[str]:
+    """The stock `mlflow server` command (not our launcher), on a SQLite store in `home`."""
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{home / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(home / "mlartifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        *server_options,
+    ]
+
+
 def stop_group(process: subprocess.Popen) -> None:
     if process.poll() is None:
         os.killpg(process.pid, signal.SIGTERM)

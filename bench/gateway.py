@@ -25,7 +25,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parent.parent))
-from _common import HOKUSAI_SERVE, clean_env, median, spawn, stop_group, wait_for  # noqa: E402
+from _common import HOKUSAI_SERVE, clean_env, median, mlflow_server_command, spawn, stop_group, wait_for  # noqa: E402
 
 from hokusai.server.auth.keys import generate_api_key  # noqa: E402
 from hokusai.server.mlflow.embedded import embedded_mlflow_command, free_loopback_port  # noqa: E402
@@ -135,24 +135,7 @@ def keepalive_penalty(home: Path, key: str) -> dict[str, float]:
     `pip install mlflow` without httptools), behind two gateways: keep-alive on and off. POST runs/search."""
     port = free_loopback_port()
     process = spawn(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--backend-store-uri",
-            f"sqlite:///{home / 'mlflow.db'}",
-            "--artifacts-destination",
-            str(home / "art"),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "4",
-            "--uvicorn-opts",
-            "--http h11 --loop asyncio",
-        ],
+        mlflow_server_command(home, port, 4, "--uvicorn-opts", "--http h11 --loop asyncio"),
         clean_env(MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false"),
     )
     gateways = []

@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _common import clean_env, median, spawn, stop_group, tree_pss_mb, wait_for  # noqa: E402
+from _common import clean_env, median, mlflow_server_command, spawn, stop_group, tree_pss_mb, wait_for  # noqa: E402
 
 from hokusai.server.mlflow.embedded import embedded_mlflow_command, free_loopback_port  # noqa: E402
 
@@ -27,24 +27,7 @@ FASTAPI_ONLY_PROBE = "/v1/traces"
 
 
 def gunicorn_command(home: Path, port: int) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--backend-store-uri",
-        f"sqlite:///{home / 'mlflow.db'}",
-        "--artifacts-destination",
-        str(home / "mlartifacts"),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--gunicorn-opts",
-        "--worker-class sync --timeout 60",
-    ]
+    return mlflow_server_command(home, port, 1, "--gunicorn-opts", "--worker-class sync --timeout 60")
 
 
 def start(command: list[str], port: int) -> tuple[subprocess.Popen, float]:

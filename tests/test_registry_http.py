@@ -96,6 +96,7 @@ def test_get_version_details_and_missing_ones(reader, model):
         (f"/models/{model}/99", f"{model}:99"),
         (f"/models/{model}/abc", f"{model}:abc"),
         (f"/models/{model}/0", f"{model}:0"),
+        (f"/models/{model}/{'9' * 30}", f"{model}:{'9' * 30}"),
         ("/models/no-such-model/1", "no-such-model:1"),
     ):
         missing = reader.get(path)

@@ -33,7 +33,6 @@ from hokusai.server.mlflow.gateway import (
     upstream_query,
     upstream_raw_path,
 )
-from hokusai.server.mlflow.upstream import UpstreamConnectFailed
 from hokusai.server.runtime import get_runtime
 
 GATEWAY_PREFIXES = ("/mlflow", "/api/mlflow")
@@ -88,7 +87,8 @@ class MlflowGateway:
 
 
 async def forward(request: Request, prefix: str, key: ApiKeyInfo) -> Response:
-    upstream = get_runtime(request).mlflow
+    runtime = get_runtime(request)
+    upstream = runtime.mlflow
     scope = request.scope
     path = upstream_raw_path(scope.get("raw_path") or scope["path"].encode(), prefix)
     needed = required_scope(request.method, path.decode("latin-1"))
@@ -106,23 +106,16 @@ async def forward(request: Request, prefix: str, key: ApiKeyInfo) -> Response:
         request.method, path, upstream_query(scope.get("query_string", b"")), headers, body=await _body(request)
     )
     if needed is KeyScope.WRITE and changes_registry(path):
-        await get_runtime(request).registry.cache.invalidate()
+        await runtime.registry.cache.invalidate()
     if _declared_length(upstream_response.headers.get("content-length")) <= SMALL_BODY_BYTES:
         # Small JSON answers (most MLflow calls) go out in one message: streaming costs more than it saves here.
-        try:
-            content = await upstream_response.read()
-        except aiohttp.ClientError:
-            raise UpstreamConnectFailed(upstream.base_url) from None
-        finally:
-            upstream_response.release()
-        response = Response(content, status_code=upstream_response.status)
-        response.raw_headers = forwarded_response_headers(list(upstream_response.raw_headers))
-        return response
-    response = StreamingResponse(
-        _relay(upstream_response),
-        status_code=upstream_response.status,
-        background=BackgroundTask(upstream_response.release),
-    )
+        response: Response = Response(await upstream.read_body(upstream_response), status_code=upstream_response.status)
+    else:
+        response = StreamingResponse(
+            _relay(upstream_response),
+            status_code=upstream_response.status,
+            background=BackgroundTask(upstream_response.release),
+        )
     response.raw_headers = forwarded_response_headers(list(upstream_response.raw_headers))
     return response
 

@@ -148,15 +148,19 @@ class MlflowUpstream:
         headers = [("Content-Type", "application/json")] if json is not None else []
         body = jsonlib.dumps(json).encode() if json is not None else None
         response = await self.open(method, path.encode(), query, headers, body)
+        content = await self.read_body(response)
+        return UpstreamResponse(response.status, CIMultiDict(response.headers), content)
+
+    async def read_body(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole body of a response from `open`, which is then released; failures as 504/502."""
         try:
-            content = await response.read()
+            return await response.read()
         except (TimeoutError, aiohttp.ServerTimeoutError):
             raise UpstreamTimeout(self.timeout) from None
         except aiohttp.ClientError:
             raise UpstreamConnectFailed(self.base_url) from None
         finally:
             response.release()
-        return UpstreamResponse(response.status, CIMultiDict(response.headers), content)
 
     async def probe(self, method: str, path: str, timeout: float, json: Any = None) -> ProbeResult:
         raw_path, _, query = path.partition("?")

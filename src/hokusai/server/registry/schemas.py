@@ -75,7 +75,7 @@ class Message(BaseModel):
 
 # --- batch ---------------------------------------------------------------------------------------------------
 
-MODEL_REFERENCE = r"^.+:[1-9][0-9]*$"
+MODEL_REFERENCE = r"^.+:[1-9][0-9]{0,17}$"  # "name:version", a version MLflow can hold
 MAX_BATCH_OPERATIONS = 100
 
 

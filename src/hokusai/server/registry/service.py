@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
+from pydantic import BaseModel
 from sqlalchemy import func, select, tuple_
 
 from hokusai.server.db import Database, utcnow
@@ -50,6 +51,7 @@ from hokusai.server.registry.schemas import (
     UpdateDescriptionOperation,
 )
 
+CachedAnswer = TypeVar("CachedAnswer", bound=BaseModel)
 API = "/api/2.0/mlflow"
 PAGE_SIZE_LIMIT = 1000  # MLflow's own cap for model-versions/search
 # Stages whose lowercase name is kept as an alias in step with the stage, for `models:/name@production`.
@@ -73,9 +75,12 @@ def quoted(value: str) -> str:
     raise InvalidRequest("A model name containing both ' and \" cannot be searched in MLflow")
 
 
+MAX_VERSION_DIGITS = 18  # MLflow keeps versions as 64-bit integers; a longer number names no version
+
+
 def version_number(name: str, version: str) -> str:
     """Versions are positive integers; anything else names no model version."""
-    if not version.isdigit() or int(version) < 1:
+    if not version.isdigit() or len(version.lstrip("0")) > MAX_VERSION_DIGITS or int(version) < 1:
         raise ModelNotFound(name, version)
     return str(int(version))
 
@@ -138,14 +143,28 @@ class RegistryService:
             raise InvalidRequest(message or f"MLflow refused the request ({response.status_code})")
         raise UpstreamFailed(response.status_code, message)
 
-    async def list_versions(self, name: str | None, max_results: int, page_token: str | None) -> ModelList:
-        key = "list:" + hashlib.sha256(json.dumps([name, max_results, page_token]).encode()).hexdigest()
+    async def _cached(
+        self,
+        parts: list[Any],
+        model: type[CachedAnswer],
+        fetch: Callable[[], Awaitable[CachedAnswer]],
+        fresh: bool = False,
+    ) -> CachedAnswer:
+        """An answer from the read cache, or fetched from MLflow and kept (unless a write happened meanwhile)."""
+        key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
         generation = await self.cache.generation()
-        if (cached := await self.cache.get(key, generation)) is not None:
-            return ModelList.model_validate(cached)
-        listed = await self._list_versions(name, max_results, page_token)
-        await self.cache.put(key, generation, listed.model_dump())
-        return listed
+        if not fresh and (cached := await self.cache.get(key, generation)) is not None:
+            return model.model_validate(cached)
+        answer = await fetch()
+        await self.cache.put(key, generation, answer.model_dump())
+        return answer
+
+    async def list_versions(self, name: str | None, max_results: int, page_token: str | None) -> ModelList:
+        return await self._cached(
+            ["list", name, max_results, page_token],
+            ModelList,
+            lambda: self._list_versions(name, max_results, page_token),
+        )
 
     async def _list_versions(self, name: str | None, max_results: int, page_token: str | None) -> ModelList:
         params = {"max_results": str(max_results), "order_by": "name ASC"}
@@ -185,19 +204,17 @@ class RegistryService:
     async def get_version(self, name: str, version: str, fresh: bool = False) -> ModelVersionDetail:
         """One version; from the read cache unless `fresh` (what a write is based on is always read from MLflow)."""
         version = version_number(name, version)
-        key = "get:" + hashlib.sha256(json.dumps([name, version]).encode()).hexdigest()
-        generation = await self.cache.generation()
-        if not fresh and (cached := await self.cache.get(key, generation)) is not None:
-            return ModelVersionDetail.model_validate(cached)
-        found = await self._mlflow(
-            "GET",
-            "/model-versions/get",
-            params={"name": name, "version": version},
-            not_found=ModelNotFound(name, version),
-        )
-        detail = _detail(found["model_version"])
-        await self.cache.put(key, generation, detail.model_dump())
-        return detail
+
+        async def fetch() -> ModelVersionDetail:
+            found = await self._mlflow(
+                "GET",
+                "/model-versions/get",
+                params={"name": name, "version": version},
+                not_found=ModelNotFound(name, version),
+            )
+            return _detail(found["model_version"])
+
+        return await self._cached(["get", name, version], ModelVersionDetail, fetch, fresh=fresh)
 
     async def update_version(self, name: str, version: str, update: ModelVersionUpdate) -> ModelVersionDetail:
         async with self._writing():
