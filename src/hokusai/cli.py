@@ -7,7 +7,9 @@ dependencies alone.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
+import time
 from collections.abc import Coroutine
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -26,8 +28,10 @@ keys_app = typer.Typer(
     help="Create, list and revoke API keys (operates on the database directly).", no_args_is_help=True
 )
 db_app = typer.Typer(help="The service database.", no_args_is_help=True)
+contributions_app = typer.Typer(help="Data contributions recorded for contributor impact.", no_args_is_help=True)
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
+app.add_typer(contributions_app, name="contributions")
 
 
 def _settings(**overrides: Any) -> Settings:
@@ -157,6 +161,68 @@ def db_upgrade() -> None:
 
     run_migrations(settings.database_dsn)
     typer.echo("Database is up to date")
+
+
+@contributions_app.command("rebuild")
+def contributions_rebuild(as_json: bool = typer.Option(False, "--json", help="Print one JSON object")) -> None:
+    """Record anew the contributions of every model version in MLflow (from its contributor tags).
+
+    Versions registered through the service are recorded as they are made; this backfills versions made straight
+    in MLflow (or through the gateway), and recomputes every improvement score. With no HOKUSAI_MLFLOW_URL it
+    starts the embedded MLflow of HOKUSAI_HOME for the duration.
+    """
+    settings = _settings()
+    from hokusai.server.db import Database, run_migrations
+    from hokusai.server.mlflow.embedded import EmbeddedMlflow
+    from hokusai.server.mlflow.upstream import MlflowUpstream
+    from hokusai.server.registry.analytics import ModelAnalytics
+    from hokusai.server.runtime import build_breaker, upstream_authorization
+
+    run_migrations(settings.database_dsn)
+
+    async def run() -> Any:
+        embedded = EmbeddedMlflow(settings.home) if settings.embedded_mlflow else None
+        if embedded is not None:
+            await embedded.start()
+        database = Database(settings.async_database_dsn)
+        upstream = MlflowUpstream(
+            embedded.url if embedded else str(settings.mlflow_url),
+            settings.mlflow_timeout,
+            breaker=build_breaker(settings),
+            authorization=upstream_authorization(settings),
+            keepalive=settings.reuse_mlflow_connections,
+        )
+        try:
+            if embedded is not None:
+                await _wait_for_mlflow(upstream, timeout=120)
+            return await ModelAnalytics.build(settings, upstream, database).impact.rebuild()
+        finally:
+            await upstream.aclose()
+            await database.dispose()
+            if embedded is not None:
+                await embedded.stop()
+
+    report = _run(run())
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(report)))
+        return
+    typer.echo(
+        f"Read {report.versions_seen} versions; {report.versions_with_contributors} name contributors; "
+        f"{report.contributions} contributions recorded"
+    )
+
+
+async def _wait_for_mlflow(upstream: Any, timeout: float) -> None:
+    from hokusai.server.errors import ServiceUnavailable
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return await upstream.ping(timeout=2)
+        except ServiceUnavailable:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.25)
 
 
 @app.command()

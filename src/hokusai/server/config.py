@@ -68,6 +68,26 @@ class Settings(BaseSettings):
         description="Seconds list/get answers are cached; how late a write made straight to MLflow shows",
     )
 
+    datasets_dir: Path | None = Field(
+        None, description="Files POST /models/evaluate may read (CSV, Parquet, JSON lines); default HOME/datasets"
+    )
+    evaluation_sync_max_bytes: int = Field(
+        5_000_000, ge=0, description="Datasets up to this size are evaluated in the request; larger ones answer 202"
+    )
+    evaluation_experiment: str = Field("hokusai-evaluations", min_length=1, description="Where evaluation runs go")
+    prediction_cache_size: int = Field(4, ge=1, description="Loaded models kept in memory for predict/evaluate")
+    prediction_max_rows: int = Field(10_000, ge=1, description="Rows one predict call may send")
+    production_metrics_window: float = Field(
+        3600.0, gt=0, description="Seconds of prediction records behind production_metrics"
+    )
+    lower_is_better_metrics: str = Field(
+        "loss,error,mse,rmse,mae,log_loss,logloss,latency,perplexity,wer,cer",
+        description="Comma-separated name parts of metrics where lower is better (any other: higher is better)",
+    )
+    compare_tolerance: float = Field(
+        0.001, ge=0, description="Relative difference within which compare calls two versions equivalent"
+    )
+
     bootstrap_admin_key: SecretStr | None = None
     auth_cache_ttl: float = Field(5.0, ge=0, description="Seconds a validated key is trusted without a database read")
     health_check_timeout: float = Field(2.0, gt=0)
@@ -140,6 +160,14 @@ class Settings(BaseSettings):
         """An external `mlflow server` runs 4 uvicorn workers by default, where every reused keep-alive connection
         waits ~40 ms on delayed ACKs (bench/gateway.py: 60 ms vs 19 ms per call). The embedded one does not."""
         return self.mlflow_keepalive if self.mlflow_keepalive is not None else self.embedded_mlflow
+
+    @property
+    def datasets_root(self) -> Path:
+        return (self.datasets_dir or self.home / "datasets").resolve()
+
+    @property
+    def lower_is_better(self) -> frozenset[str]:
+        return frozenset(part.strip().lower() for part in self.lower_is_better_metrics.split(",") if part.strip())
 
     @property
     def admin_key_path(self) -> Path:

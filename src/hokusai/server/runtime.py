@@ -23,6 +23,7 @@ from hokusai.server.mlflow.embedded import EmbeddedMlflow
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.ratelimit.policies import parse_limit, route_limits
 from hokusai.server.ratelimit.service import RequestRateLimiter
+from hokusai.server.registry.analytics import ModelAnalytics
 from hokusai.server.registry.cache import RegistryReadCache
 from hokusai.server.registry.service import RegistryService
 
@@ -41,6 +42,7 @@ class Runtime:
     redis: Redis | None
     rate_limiter: RequestRateLimiter
     registry: RegistryService
+    analytics: ModelAnalytics
     build: BuildInfo
     started_at: float
 
@@ -74,6 +76,14 @@ class Runtime:
             authorization=upstream_authorization(settings),
             keepalive=settings.reuse_mlflow_connections,
         )
+        analytics = ModelAnalytics.build(settings, mlflow, database)
+        await analytics.start()
+        registry = RegistryService(
+            mlflow,
+            database,
+            RegistryReadCache(settings.registry_cache_ttl, redis),
+            on_registered=analytics.impact.record_version,
+        )
         return cls(
             settings=settings,
             database=database,
@@ -82,12 +92,14 @@ class Runtime:
             embedded_mlflow=embedded,
             redis=redis,
             rate_limiter=build_rate_limiter(settings),
-            registry=RegistryService(mlflow, database, RegistryReadCache(settings.registry_cache_ttl, redis)),
+            registry=registry,
+            analytics=analytics,
             build=await anyio.to_thread.run_sync(read_build_info, settings),
             started_at=time.monotonic(),
         )
 
     async def stop(self) -> None:
+        await self.analytics.aclose()
         await self.mlflow.aclose()
         if self.redis is not None:
             await self.redis.aclose()

@@ -10,9 +10,11 @@ import re
 import zipfile
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import quote
 
 import aiohttp
+import anyio
 
 from hokusai.server.errors import InvalidRequest
 from hokusai.server.mlflow.upstream import MlflowUpstream, UpstreamConnectFailed, UpstreamFailed
@@ -91,23 +93,41 @@ class _Sink:
         return data
 
 
+async def artifact_chunks(upstream: MlflowUpstream, root: str, path: str) -> AsyncIterator[bytes]:
+    """One served artifact file, as it arrives from MLflow."""
+    raw_path = f"{ARTIFACTS_API}/{quote(root)}/{quote(path)}".encode()
+    response = await upstream.open("GET", raw_path, b"", [])
+    try:
+        if response.status >= 400:
+            raise UpstreamFailed(response.status, f"reading artifact {path}")
+        async for chunk in response.content.iter_chunked(CHUNK_BYTES):
+            yield chunk
+    except aiohttp.ClientError:
+        raise UpstreamConnectFailed(upstream.base_url) from None
+    finally:
+        response.release()
+
+
 async def zip_stream(upstream: MlflowUpstream, plan: DownloadPlan) -> AsyncIterator[bytes]:
     sink = _Sink()
     archive = zipfile.ZipFile(sink, "w", compression=zipfile.ZIP_STORED, allowZip64=True)  # noqa: SIM115
     for item in plan.files:
-        raw_path = f"{ARTIFACTS_API}/{quote(plan.root)}/{quote(item.path)}".encode()
-        response = await upstream.open("GET", raw_path, b"", [])
-        try:
-            if response.status >= 400:
-                raise UpstreamFailed(response.status, f"reading artifact {item.path}")
-            with archive.open(item.path, "w", force_zip64=item.size > ZIP64_THRESHOLD) as entry:
-                async for chunk in response.content.iter_chunked(CHUNK_BYTES):
-                    entry.write(chunk)
-                    yield sink.drain()
-        except aiohttp.ClientError:
-            raise UpstreamConnectFailed(upstream.base_url) from None
-        finally:
-            response.release()
+        with archive.open(item.path, "w", force_zip64=item.size > ZIP64_THRESHOLD) as entry:
+            async for chunk in artifact_chunks(upstream, plan.root, item.path):
+                entry.write(chunk)
+                yield sink.drain()
         yield sink.drain()
     archive.close()
     yield sink.drain()
+
+
+async def save_files(upstream: MlflowUpstream, root: str, files: list[ArtifactFile], destination: Path) -> None:
+    """Artifacts written under `destination`, each through a temporary name so a half-written file never counts."""
+    for item in files:
+        target = destination / item.path
+        partial = target.with_name(target.name + ".partial")
+        await anyio.Path(target.parent).mkdir(parents=True, exist_ok=True)
+        async with await anyio.open_file(partial, "wb") as output:
+            async for chunk in artifact_chunks(upstream, root, item.path):
+                await output.write(chunk)
+        await anyio.Path(partial).rename(target)

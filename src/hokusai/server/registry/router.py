@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Header, Query, Request
+from datetime import date
+
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
 from hokusai.server.auth.dependencies import require_scope
 from hokusai.server.auth.keys import Scope
 from hokusai.server.auth.store import ApiKeyInfo
+from hokusai.server.errors import InvalidRequest
+from hokusai.server.registry.analytics import ModelAnalytics
 from hokusai.server.registry.schemas import (
     BatchRequest,
     BatchResponse,
+    Comparison,
+    ContributorImpact,
+    EvaluateRequest,
+    Evaluation,
+    ImprovementHistory,
     Message,
     ModelList,
     ModelVersionDetail,
     ModelVersionUpdate,
+    PredictionHistory,
+    PredictRequest,
+    PredictResponse,
     ProductionList,
     RegisterRequest,
     RegisterResponse,
     StageTransition,
+    VersionLineage,
+    VersionMetrics,
 )
 from hokusai.server.registry.service import RegistryService
 from hokusai.server.runtime import get_runtime
@@ -90,6 +104,72 @@ async def transition_model_version(
     return await registry(request).transition(model_name, version, body.stage, body.archive_existing, key.id)
 
 
+def analytics(request: Request) -> ModelAnalytics:
+    return get_runtime(request).analytics
+
+
+async def compare_models(
+    request: Request,
+    model1: str = Query(..., description="Name:Version or Name@alias"),
+    model2: str = Query(..., description="Name:Version or Name@alias"),
+    metric: str | None = Query(None, description="The metric to recommend by; default: the benchmark metric"),
+    tolerance: float | None = Query(None, ge=0, description="Relative difference counted as equivalent"),
+) -> Comparison:
+    return await analytics(request).comparisons.compare(model1, model2, metric, tolerance)
+
+
+async def evaluate_model(body: EvaluateRequest, request: Request, response: Response) -> Evaluation:
+    """200 with the result; 202 with a queued evaluation (poll its Location) when the dataset is large."""
+    evaluation = await analytics(request).evaluations.evaluate(body)
+    if evaluation.status in ("queued", "running"):
+        response.status_code = 202
+        response.headers["Location"] = f"{request.url.path.rsplit('/', 1)[0]}/evaluations/{evaluation.evaluation_id}"
+    return evaluation
+
+
+async def get_evaluation(evaluation_id: str, request: Request) -> Evaluation:
+    return await analytics(request).evaluations.get(evaluation_id)
+
+
+async def contributor_impact(
+    address: str,
+    request: Request,
+    limit: int = Query(100, ge=1, le=1000),
+    offset: int = Query(0, ge=0),
+) -> ContributorImpact:
+    return await analytics(request).impact.impact(address, limit, offset)
+
+
+async def improvement_history(model_id: str, request: Request) -> ImprovementHistory:
+    return await analytics(request).lineage.improvement_history(model_id)
+
+
+async def version_metrics(model_name: str, version: str, request: Request) -> VersionMetrics:
+    return await analytics(request).performance.metrics(model_name, version)
+
+
+async def version_lineage(model_name: str, version: str, request: Request) -> VersionLineage:
+    return await analytics(request).lineage.version_lineage(model_name, version)
+
+
+async def prediction_history(
+    model_name: str,
+    version: str,
+    request: Request,
+    start: date | None = Query(None, description="First day (UTC), inclusive"),
+    end: date | None = Query(None, description="Last day (UTC), inclusive"),
+) -> PredictionHistory:
+    if start is not None and end is not None and start > end:
+        raise InvalidRequest("start must not be after end")
+    service = analytics(request)
+    current = await registry(request).get_version(model_name, version)
+    return await service.predictions.store.history(current.name, current.version, start, end)
+
+
+async def predict(model_name: str, version: str, body: PredictRequest, request: Request) -> PredictResponse:
+    return await analytics(request).predictions.predict(model_name, version, body.inputs)
+
+
 def build_router(prefix: str) -> APIRouter:
     """The /models routes under `prefix` (`/models`, `/api/models`).
 
@@ -110,6 +190,38 @@ def build_router(prefix: str) -> APIRouter:
         production_models,
         methods=["GET"],
         response_model=ProductionList,
+        dependencies=[Depends(read)],
+    )
+    router.add_api_route(
+        prefix + "/compare", compare_models, methods=["GET"], response_model=Comparison, dependencies=[Depends(read)]
+    )
+    router.add_api_route(
+        prefix + "/evaluate",
+        evaluate_model,
+        methods=["POST"],
+        response_model=Evaluation,
+        dependencies=[Depends(write)],  # it logs an evaluation run to MLflow
+        responses={202: {"model": Evaluation, "description": "Large dataset: evaluation queued"}},
+    )
+    router.add_api_route(
+        prefix + "/evaluations/{evaluation_id}",
+        get_evaluation,
+        methods=["GET"],
+        response_model=Evaluation,
+        dependencies=[Depends(read)],
+    )
+    router.add_api_route(
+        prefix + "/contributors/{address}/impact",
+        contributor_impact,
+        methods=["GET"],
+        response_model=ContributorImpact,
+        dependencies=[Depends(read)],
+    )
+    router.add_api_route(
+        prefix + "/{model_id}/lineage",
+        improvement_history,
+        methods=["GET"],
+        response_model=ImprovementHistory,
         dependencies=[Depends(read)],
     )
     router.add_api_route(
@@ -140,6 +252,34 @@ def build_router(prefix: str) -> APIRouter:
         dependencies=[Depends(read)],
         response_class=StreamingResponse,
         responses={200: {"content": {"application/zip": {}}}},
+    )
+    router.add_api_route(
+        prefix + "/{model_name}/{version}/metrics",
+        version_metrics,
+        methods=["GET"],
+        response_model=VersionMetrics,
+        dependencies=[Depends(read)],
+    )
+    router.add_api_route(
+        prefix + "/{model_name}/{version}/lineage",
+        version_lineage,
+        methods=["GET"],
+        response_model=VersionLineage,
+        dependencies=[Depends(read)],
+    )
+    router.add_api_route(
+        prefix + "/{model_name}/{version}/predictions",
+        prediction_history,
+        methods=["GET"],
+        response_model=PredictionHistory,
+        dependencies=[Depends(read)],
+    )
+    router.add_api_route(
+        prefix + "/{model_name}/{version}/predict",
+        predict,
+        methods=["POST"],
+        response_model=PredictResponse,
+        dependencies=[Depends(read)],  # a prediction changes nothing in the registry
     )
     router.add_api_route(
         prefix + "/{model_name}/{version}/transition",

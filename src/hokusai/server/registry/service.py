@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar
 
 from pydantic import BaseModel
@@ -18,8 +19,9 @@ from sqlalchemy import func, select, tuple_
 
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
-from hokusai.server.mlflow.upstream import MlflowUpstream, UpstreamFailed
+from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.registry.cache import RegistryReadCache
+from hokusai.server.registry.contributors import normalized_contributor_metadata
 from hokusai.server.registry.download import (
     DownloadPlan,
     archive_filename,
@@ -27,6 +29,7 @@ from hokusai.server.registry.download import (
     served_artifact_root,
     zip_stream,
 )
+from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.registry.models import StageTransitionRow
 from hokusai.server.registry.registration import IdempotencyStore, resolve_source, stable_model_id, version_tags
 from hokusai.server.registry.schemas import (
@@ -50,9 +53,10 @@ from hokusai.server.registry.schemas import (
     TransitionOperation,
     UpdateDescriptionOperation,
 )
+from hokusai.server.timestamps import as_utc, from_millis, iso
 
+logger = logging.getLogger(__name__)
 CachedAnswer = TypeVar("CachedAnswer", bound=BaseModel)
-API = "/api/2.0/mlflow"
 PAGE_SIZE_LIMIT = 1000  # MLflow's own cap for model-versions/search
 # Stages whose lowercase name is kept as an alias in step with the stage, for `models:/name@production`.
 STAGE_ALIASES = {"Production": "production", "Staging": "staging"}
@@ -113,35 +117,20 @@ def _detail(raw: dict[str, Any]) -> ModelVersionDetail:
 
 
 class RegistryService:
-    def __init__(self, upstream: MlflowUpstream, database: Database, cache: RegistryReadCache) -> None:
+    def __init__(
+        self,
+        upstream: MlflowUpstream,
+        database: Database,
+        cache: RegistryReadCache,
+        on_registered: Callable[[str, str], Awaitable[object]] | None = None,
+    ) -> None:
+        """`on_registered(name, version)` runs after each registration (contribution records)."""
         self._upstream = upstream
+        self._on_registered = on_registered
+        self._mlflow = MlflowApi(upstream)
         self._database = database
         self._idempotency = IdempotencyStore(database)
         self.cache = cache
-
-    async def _mlflow(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: dict[str, str] | None = None,
-        json: Any = None,
-        not_found: NotFound | None = None,
-        tolerated: frozenset[str] = frozenset(),
-    ) -> dict[str, Any]:
-        """One MLflow REST call; its errors as ours (`tolerated` MLflow error codes count as success)."""
-        response = await self._upstream.request(method, API + path, params=params, json=json)
-        body = response.json() if response.body else {}
-        if response.status_code < 400:
-            return body
-        if isinstance(body, dict) and body.get("error_code") in tolerated:
-            return body
-        message = body.get("message", "") if isinstance(body, dict) else ""
-        if response.status_code == 404 and not_found is not None:
-            raise not_found
-        if response.status_code < 500:
-            raise InvalidRequest(message or f"MLflow refused the request ({response.status_code})")
-        raise UpstreamFailed(response.status_code, message)
 
     async def _cached(
         self,
@@ -388,6 +377,7 @@ class RegistryService:
         return answer
 
     async def _register(self, request: RegisterRequest) -> RegisterResponse:
+        metadata = normalized_contributor_metadata(request.metadata)  # a bad address is a 400 before any change
         resolved = await resolve_source(self._mlflow, request.model_data)
         name = request.model_name or resolved.name
         if not name:
@@ -404,16 +394,21 @@ class RegistryService:
         payload: dict[str, Any] = {
             "name": name,
             "source": resolved.source,
-            "tags": version_tags(request.model_type, request.metadata, model_id),
+            "tags": version_tags(request.model_type, metadata, model_id),
         }
         if resolved.run_id:
             payload["run_id"] = resolved.run_id
         if resolved.model_id:
             payload["model_id"] = resolved.model_id
         created = (await self._mlflow("POST", "/model-versions/create", json=payload))["model_version"]
-        registered_at = datetime.fromtimestamp(int(created.get("creation_timestamp", 0)) / 1000, UTC)
+        if self._on_registered is not None:
+            try:
+                await self._on_registered(name, created["version"])
+            except HokusaiError as exc:  # the version exists: report it; `hokusai contributions rebuild` catches up
+                logger.warning("Contributions of %s:%s not recorded: %s", name, created["version"], exc.detail)
+        registered_at = from_millis(created.get("creation_timestamp"))
         return RegisterResponse(
-            model_id=model_id, model_name=name, version=created["version"], registration_timestamp=_iso(registered_at)
+            model_id=model_id, model_name=name, version=created["version"], registration_timestamp=iso(registered_at)
         )
 
     async def production_versions(self) -> list[ProductionModel]:
@@ -436,10 +431,7 @@ class RegistryService:
                 name=v["name"],
                 version=v["version"],
                 stage="Production",
-                deployed_at=_iso(
-                    entered.get((v["name"], v["version"]))
-                    or datetime.fromtimestamp(int(v.get("last_updated_timestamp", 0)) / 1000, UTC)
-                ),
+                deployed_at=iso(entered.get((v["name"], v["version"])) or from_millis(v.get("last_updated_timestamp"))),
             )
             for v in sorted(in_production, key=lambda v: (v["name"], int(v["version"])))
         ]
@@ -458,15 +450,4 @@ class RegistryService:
         )
         async with self._database.session() as session:
             rows = (await session.execute(query)).all()
-        return {(name, version): _as_utc(at) for name, version, at in rows}
-
-
-def _as_utc(value: datetime) -> datetime:
-    # An aggregate bypasses the column type, so SQLite hands back a naive (UTC) datetime or a string.
-    if isinstance(value, str):
-        value = datetime.fromisoformat(value)
-    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
-
-
-def _iso(moment: datetime) -> str:
-    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return {(name, version): as_utc(at) for name, version, at in rows}

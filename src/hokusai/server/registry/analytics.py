@@ -1,0 +1,52 @@
+"""ModelAnalytics: the services behind compare, evaluate, metrics, predictions, lineage and contributor impact."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hokusai.server.config import Settings
+from hokusai.server.db import Database
+from hokusai.server.mlflow.upstream import MlflowUpstream
+from hokusai.server.registry.comparison import ComparisonService
+from hokusai.server.registry.contributors import ContributionStore
+from hokusai.server.registry.evaluation import EvaluationService
+from hokusai.server.registry.impact import ImpactService
+from hokusai.server.registry.lineage import LineageService
+from hokusai.server.registry.mlflow_api import MlflowApi
+from hokusai.server.registry.performance import PerformanceService
+from hokusai.server.registry.predictions import ModelLoader, PredictionService, PredictionStore
+from hokusai.server.registry.versions import MetricDirection, VersionReader
+
+
+@dataclass
+class ModelAnalytics:
+    comparisons: ComparisonService
+    evaluations: EvaluationService
+    performance: PerformanceService
+    predictions: PredictionService
+    lineage: LineageService
+    impact: ImpactService
+
+    @classmethod
+    def build(cls, settings: Settings, upstream: MlflowUpstream, database: Database) -> ModelAnalytics:
+        reader = VersionReader(MlflowApi(upstream), settings.evaluation_experiment)
+        direction = MetricDirection(settings.lower_is_better)
+        lineage = LineageService(reader, database, direction)
+        loader = ModelLoader(upstream, settings.home / "model-cache", settings.prediction_cache_size)
+        prediction_store = PredictionStore(database)
+        return cls(
+            comparisons=ComparisonService(reader, direction, settings.compare_tolerance),
+            evaluations=EvaluationService(
+                upstream, database, reader, loader, settings.datasets_root, settings.evaluation_sync_max_bytes
+            ),
+            performance=PerformanceService(reader, prediction_store, settings.production_metrics_window),
+            predictions=PredictionService(loader, prediction_store, settings.prediction_max_rows),
+            lineage=lineage,
+            impact=ImpactService(reader, lineage, ContributionStore(database), direction),
+        )
+
+    async def start(self) -> None:
+        await self.evaluations.start()
+
+    async def aclose(self) -> None:
+        await self.evaluations.aclose()

@@ -1,0 +1,172 @@
+"""Data contributors: Ethereum addresses (EIP-55), who contributed to a version, and what it improved.
+
+A contribution is a model version naming its contributors: a `contributor_address` tag (weight 1), or a
+`contributors` tag holding a JSON list of `{"address": ..., "weight": ...}` whose weights sum to 1. The service
+records each contribution in its database, with the improvement it brought, when such a version is registered
+through it (and `hokusai contributions rebuild` backfills versions made elsewhere), so the impact of an address is
+an indexed lookup, never a scan of MLflow.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from typing import Any
+
+from Crypto.Hash import keccak
+from sqlalchemy import case, delete, func, select
+
+from hokusai.server.db import Database, utcnow
+from hokusai.server.errors import InvalidRequest
+from hokusai.server.registry.models import ContributionRow
+from hokusai.server.registry.schemas import Contribution, ContributorImpact, ContributorShare
+from hokusai.server.timestamps import as_utc, iso
+
+CONTRIBUTOR_TAG = "contributor_address"
+CONTRIBUTORS_TAG = "contributors"
+ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
+WEIGHT_TOLERANCE = 1e-6
+
+
+class InvalidAddress(InvalidRequest):
+    def __init__(self, address: str, problem: str) -> None:
+        super().__init__(f"Invalid Ethereum address {address!r}: {problem}")
+
+
+def checksum_address(address: str) -> str:
+    """The EIP-55 form of an address. Mixed case must already be that form (it is a checksum); all-lowercase or
+    all-uppercase hex carries no checksum and is accepted as it is."""
+    if not isinstance(address, str) or not ADDRESS.fullmatch(address):
+        raise InvalidAddress(str(address), "expected 0x followed by 40 hexadecimal digits")
+    digits = address[2:]
+    lower = digits.lower()
+    # Keccak-256 as Ethereum uses it (the original padding), which is not the NIST SHA3-256 of hashlib.
+    digest = keccak.new(digest_bits=256, data=lower.encode("ascii")).hexdigest()
+    checksummed = "0x" + "".join(c.upper() if int(h, 16) >= 8 else c for c, h in zip(lower, digest[:40], strict=True))
+    if digits not in (lower, digits.upper()) and address != checksummed:
+        raise InvalidAddress(address, "mixed-case address fails its EIP-55 checksum")
+    return checksummed
+
+
+def contributor_shares(tags: dict[str, Any]) -> list[ContributorShare]:
+    """The contributors a version's tags (or register metadata) name, checksummed; InvalidRequest when malformed."""
+    listed = tags.get(CONTRIBUTORS_TAG)
+    if listed not in (None, "", []):
+        if isinstance(listed, str):
+            try:
+                listed = json.loads(listed)
+            except ValueError:
+                raise InvalidRequest("contributors must be a JSON list of {address, weight}") from None
+        return _weighted(listed)
+    single = tags.get(CONTRIBUTOR_TAG)
+    if single in (None, ""):
+        return []
+    return [ContributorShare(address=checksum_address(single), weight=1.0)]
+
+
+def _weighted(listed: Any) -> list[ContributorShare]:
+    if not isinstance(listed, list) or not all(isinstance(item, dict) for item in listed):
+        raise InvalidRequest("contributors must be a list of {address, weight}")
+    shares: dict[str, float] = {}
+    for item in listed:
+        weight = item.get("weight")
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not 0 < weight <= 1:
+            raise InvalidRequest(f"contributor weight must be a number in (0, 1], got {weight!r}")
+        address = checksum_address(item.get("address"))
+        if address in shares:
+            raise InvalidRequest(f"contributor {address} is listed twice")
+        shares[address] = float(weight)
+    if not math.isclose(sum(shares.values()), 1.0, abs_tol=WEIGHT_TOLERANCE):
+        raise InvalidRequest(f"contributor weights must sum to 1, they sum to {sum(shares.values()):g}")
+    return [ContributorShare(address=address, weight=weight) for address, weight in shares.items()]
+
+
+def contributors_in_tags(tags: dict[str, str]) -> list[ContributorShare]:
+    """Like contributor_shares, for tags already stored in MLflow: a malformed entry names nobody."""
+    try:
+        return contributor_shares(tags)
+    except InvalidRequest:
+        return []
+
+
+def normalized_contributor_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
+    """Register metadata with its contributors validated and written in checksum form (400 when malformed)."""
+    shares = contributor_shares(metadata)
+    if not shares:
+        return metadata
+    normalized = dict(metadata)
+    if metadata.get(CONTRIBUTORS_TAG) not in (None, "", []):
+        normalized[CONTRIBUTORS_TAG] = [share.model_dump() for share in shares]
+    else:
+        normalized[CONTRIBUTOR_TAG] = shares[0].address
+    return normalized
+
+
+class ContributionStore:
+    def __init__(self, database: Database) -> None:
+        self._database = database
+
+    async def replace(self, name: str, version: str, rows: list[ContributionRow]) -> None:
+        """The contributions of one version, replacing what was recorded for it before (rebuild is repeatable)."""
+        async with self._database.session() as session, session.begin():
+            await session.execute(
+                delete(ContributionRow).where(ContributionRow.model_name == name, ContributionRow.version == version)
+            )
+            now = utcnow()
+            for row in rows:
+                row.recorded_at = now
+                session.add(row)
+
+    async def impact(self, address: str, limit: int, offset: int) -> ContributorImpact:
+        """Totals over every contribution of the address, and one page of them (newest first); indexed by address."""
+        positive = case((ContributionRow.improvement_score > 0, ContributionRow.improvement_score), else_=0.0)
+        totals_query = select(
+            func.count(),
+            func.coalesce(func.sum(positive), 0.0),
+            func.min(ContributionRow.contributed_at),
+            func.max(ContributionRow.contributed_at),
+        ).where(ContributionRow.address == address)
+        per_model = (
+            select(ContributionRow.model_name)
+            .where(ContributionRow.address == address)
+            .group_by(ContributionRow.model_name)
+            .having(func.sum(ContributionRow.improvement_score) > 0)
+            .subquery()
+        )
+        page_query = (
+            select(ContributionRow)
+            .where(ContributionRow.address == address)
+            .order_by(ContributionRow.contributed_at.desc(), ContributionRow.id.desc())
+            .limit(limit)
+            .offset(offset)
+        )
+        async with self._database.session() as session:
+            count, total, first, last = (await session.execute(totals_query)).one()
+            improved = await session.scalar(select(func.count()).select_from(per_model))
+            page = (await session.scalars(page_query)).all()
+        return ContributorImpact(
+            address=address,
+            total_models_improved=improved or 0,
+            total_improvement_score=float(total or 0.0),
+            total_contributions=count,
+            contributions=[
+                Contribution(
+                    model_id=row.model_id or row.model_name,
+                    model_name=row.model_name,
+                    version=row.version,
+                    weight=row.weight,
+                    benchmark_metric=row.benchmark_metric,
+                    benchmark_value=row.benchmark_value,
+                    parent=row.parent,
+                    parent_value=row.parent_value,
+                    improvement_score=row.improvement_score,
+                    contributed_at=iso(row.contributed_at),
+                )
+                for row in page
+            ],
+            first_contribution=iso(as_utc(first)) if first else None,
+            last_contribution=iso(as_utc(last)) if last else None,
+            limit=limit,
+            offset=offset,
+        )

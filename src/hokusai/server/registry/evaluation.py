@@ -1,0 +1,392 @@
+"""Evaluating a model version on a dataset: scikit-learn metrics on the version's own predictions, logged to MLflow
+as a run tagged with the version (so compare and metrics see it), recorded in the service database.
+
+Datasets are files under HOKUSAI_DATASETS_DIR (CSV, Parquet, JSON lines) or MLflow artifact URIs; nothing else is
+read. Up to `sync_max_bytes` the evaluation runs within the request; beyond, the request answers 202 with an id and
+the evaluation runs in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import secrets
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import anyio
+from sqlalchemy import select, update
+
+from hokusai.server.db import Database, utcnow
+from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
+from hokusai.server.mlflow.upstream import MlflowUpstream
+from hokusai.server.registry.download import ArtifactFile, save_files, served_artifact_root
+from hokusai.server.registry.mlflow_api import MlflowApi
+from hokusai.server.registry.models import EvaluationRow
+from hokusai.server.registry.predictions import LoadedModel, ModelLoader, predict_rows
+from hokusai.server.registry.registration import RUN_ARTIFACT
+from hokusai.server.registry.schemas import EvaluateRequest, Evaluation
+from hokusai.server.registry.versions import (
+    EVALUATED_MODEL_TAG,
+    EVALUATED_VERSION_TAG,
+    EVALUATION_PREFIX,
+    VersionReader,
+)
+from hokusai.server.timestamps import iso
+
+logger = logging.getLogger(__name__)
+DATASET_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+PROBABILITY_METRICS = {"roc_auc", "log_loss"}
+INTERRUPTED = "Interrupted: the service stopped before the evaluation finished"
+
+
+class EvaluationNotFound(NotFound):
+    def __init__(self, evaluation_id: str) -> None:
+        super().__init__(f"Evaluation not found: {evaluation_id}")
+
+
+@dataclass(frozen=True)
+class DatasetLocation:
+    """A dataset the service may read: a local file, or a file served by MLflow (`root`/`path`)."""
+
+    display: str
+    kind: str  # csv, parquet, jsonl
+    size: int
+    local: Path | None = None
+    artifact_root: str | None = None
+    artifact_path: str | None = None
+
+
+def dataset_kind(name: str) -> str:
+    kind = DATASET_SUFFIXES.get(PurePosixPath(name).suffix.lower())
+    if kind is None:
+        raise InvalidRequest(f"dataset_path must name a .csv, .parquet or .jsonl file, got {name!r}")
+    return kind
+
+
+def local_dataset(dataset_path: str, root: Path) -> DatasetLocation:
+    """A path under the datasets directory (relative to it, or absolute inside it); no `..`, no symlink out."""
+    if "\0" in dataset_path or ".." in PurePosixPath(dataset_path).parts:
+        raise InvalidRequest("dataset_path may not contain '..'")
+    kind = dataset_kind(dataset_path)
+    candidate = Path(dataset_path)
+    resolved = (candidate if candidate.is_absolute() else root / candidate).resolve()
+    if not resolved.is_relative_to(root):
+        raise InvalidRequest(f"dataset_path must be under the datasets directory ({root}) or an MLflow artifact URI")
+    if not resolved.is_file():
+        raise InvalidRequest(f"Dataset not found: {dataset_path}")
+    return DatasetLocation(dataset_path, kind, resolved.stat().st_size, local=resolved)
+
+
+def read_frame(path: Path, kind: str) -> Any:
+    import pandas as pd
+
+    try:
+        if kind == "csv":
+            return pd.read_csv(path)
+        if kind == "parquet":
+            return pd.read_parquet(path)
+        return pd.read_json(path, lines=True)
+    except Exception as exc:  # pandas/pyarrow raise many parser errors; each means an unreadable file
+        raise InvalidRequest(f"Dataset cannot be read as {kind}: {str(exc).splitlines()[0][:300]}") from exc
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as source:
+        for block in iter(lambda: source.read(1024 * 1024), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def compute_metrics(model: LoadedModel, frame: Any, target: str, wanted: list[str]) -> dict[str, float]:
+    """Blocking (worker thread): the version's predictions on the dataset, scored with scikit-learn."""
+    import numpy as np
+    from sklearn import metrics as sk
+
+    if target not in frame.columns:
+        raise InvalidRequest(
+            f"target_column {target!r} is not in the dataset (columns: {', '.join(map(str, frame.columns))})"
+        )
+    if len(frame) == 0:
+        raise InvalidRequest("The dataset holds no rows")
+    features, truth = frame.drop(columns=[target]), frame[target].to_numpy()
+    predicted = np.asarray(predict_rows(model, features))
+    if predicted.ndim > 1 and predicted.shape[1] == 1:
+        predicted = predicted.ravel()
+    labels = set(np.unique(truth).tolist())
+    average = "binary" if labels <= {0, 1} or labels <= {False, True} else "weighted"
+    probabilities = _probabilities(model, features) if PROBABILITY_METRICS & set(wanted) else None
+    scorers = {
+        "accuracy": lambda: sk.accuracy_score(truth, predicted),
+        "precision": lambda: sk.precision_score(truth, predicted, average=average, zero_division=0),
+        "recall": lambda: sk.recall_score(truth, predicted, average=average, zero_division=0),
+        "f1_score": lambda: sk.f1_score(truth, predicted, average=average, zero_division=0),
+        "roc_auc": lambda: sk.roc_auc_score(
+            truth, probabilities[:, 1] if probabilities.shape[1] == 2 else probabilities, multi_class="ovr"
+        ),
+        "log_loss": lambda: sk.log_loss(truth, probabilities),
+        "mse": lambda: sk.mean_squared_error(truth, predicted),
+        "rmse": lambda: math.sqrt(sk.mean_squared_error(truth, predicted)),
+        "mae": lambda: sk.mean_absolute_error(truth, predicted),
+        "r2": lambda: sk.r2_score(truth, predicted),
+    }
+    scores = {}
+    for metric in wanted:
+        try:
+            scores[metric] = float(scorers[metric]())
+        except (ValueError, TypeError) as exc:  # e.g. accuracy of continuous predictions
+            raise Unprocessable(
+                f"{metric} cannot be computed for these predictions: {str(exc).splitlines()[0]}"
+            ) from exc
+    return scores
+
+
+def _probabilities(model: LoadedModel, features: Any) -> Any:
+    """Class probabilities from the underlying estimator; pyfunc's predict gives labels only."""
+    try:
+        raw = model.pyfunc.get_raw_model()
+    except Exception:  # not every flavor exposes its raw model
+        raw = None
+    if raw is None or not hasattr(raw, "predict_proba"):
+        raise Unprocessable("roc_auc and log_loss need class probabilities, which this model does not give")
+    try:
+        return raw.predict_proba(features)
+    except Exception as exc:  # the estimator's own complaint
+        raise Unprocessable(f"The model could not give class probabilities: {str(exc).splitlines()[0]}") from exc
+
+
+class EvaluationService:
+    def __init__(
+        self,
+        upstream: MlflowUpstream,
+        database: Database,
+        reader: VersionReader,
+        loader: ModelLoader,
+        datasets_root: Path,
+        sync_max_bytes: int,
+    ) -> None:
+        self._upstream = upstream
+        self._api = MlflowApi(upstream)
+        self._database = database
+        self._reader = reader
+        self._loader = loader
+        self._datasets_root = datasets_root
+        self._sync_max_bytes = sync_max_bytes
+        self._background: set[asyncio.Task] = set()
+        self._running = asyncio.Semaphore(2)  # each holds a dataset and a model in memory
+
+    async def start(self) -> None:
+        """Evaluations a previous process left unfinished will never finish: say so."""
+        async with self._database.session() as session, session.begin():
+            await session.execute(
+                update(EvaluationRow)
+                .where(EvaluationRow.status.in_(["queued", "running"]))
+                .values(status="failed", error=INTERRUPTED, finished_at=utcnow())
+            )
+
+    async def aclose(self) -> None:
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    async def evaluate(self, request: EvaluateRequest) -> Evaluation:
+        """Checked at once (version, dataset); then run here, or queued when the dataset is large."""
+        raw = await self._reader.version(request.model_name, request.model_version)
+        dataset = await self._locate(request.dataset_path)
+        evaluation_id = "ev_" + secrets.token_hex(12)
+        background = dataset.size > self._sync_max_bytes
+        async with self._database.session() as session, session.begin():
+            session.add(
+                EvaluationRow(
+                    id=evaluation_id,
+                    model_name=raw["name"],
+                    version=raw["version"],
+                    dataset_path=request.dataset_path,
+                    status="queued" if background else "running",
+                    created_at=utcnow(),
+                )
+            )
+        if background:
+            task = asyncio.create_task(self._run(evaluation_id, raw, dataset, request))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+        else:
+            await self._run(evaluation_id, raw, dataset, request, reraise=True)
+        return await self.get(evaluation_id)
+
+    async def get(self, evaluation_id: str) -> Evaluation:
+        async with self._database.session() as session:
+            row = await session.scalar(select(EvaluationRow).where(EvaluationRow.id == evaluation_id))
+        if row is None:
+            raise EvaluationNotFound(evaluation_id)
+        result = row.result or {}
+        return Evaluation(
+            evaluation_id=row.id,
+            status=row.status,
+            model_name=row.model_name,
+            model_version=row.version,
+            dataset_path=row.dataset_path,
+            metrics=result.get("metrics"),
+            sample_count=result.get("sample_count"),
+            run_id=result.get("run_id"),
+            duration_seconds=result.get("duration_seconds"),
+            error=row.error,
+            created_at=iso(row.created_at),
+            finished_at=iso(row.finished_at) if row.finished_at else None,
+        )
+
+    async def _locate(self, dataset_path: str) -> DatasetLocation:
+        path = dataset_path.strip()
+        if path.startswith(("runs:/", "mlflow-artifacts:")):
+            return await self._artifact_dataset(path)
+        if "://" in path or path.startswith(("s3:", "gs:", "file:", "models:")):
+            raise InvalidRequest("dataset_path must be a file under the datasets directory or an MLflow artifact URI")
+        return await anyio.to_thread.run_sync(local_dataset, path, self._datasets_root)
+
+    async def _artifact_dataset(self, uri: str) -> DatasetLocation:
+        if match := RUN_ARTIFACT.match(uri):
+            run = await self._reader.run(match["run_id"])
+            if run is None:
+                raise InvalidRequest(f"Dataset not found: run {match['run_id']} does not exist")
+            root, path = served_artifact_root(run["info"]["artifact_uri"]), (match["path"] or "").strip("/")
+        else:
+            root, path = "", served_artifact_root(uri)
+        if not path or ".." in PurePosixPath(path).parts:
+            raise InvalidRequest(f"dataset_path must name a file: {uri}")
+        kind = dataset_kind(path)
+        parent, _, filename = f"{root}/{path}".strip("/").rpartition("/")
+        listed = await self._upstream.request("GET", "/api/2.0/mlflow-artifacts/artifacts", params={"path": parent})
+        entries = listed.json().get("files", []) if listed.status_code < 400 and listed.body else []
+        entry = next((e for e in entries if e.get("path") == filename and not e.get("is_dir")), None)
+        if entry is None:
+            raise InvalidRequest(f"Dataset not found: {uri}")
+        return DatasetLocation(
+            uri, kind, int(entry.get("file_size") or 0), artifact_root=parent, artifact_path=filename
+        )
+
+    async def _run(
+        self,
+        evaluation_id: str,
+        raw: dict[str, Any],
+        dataset: DatasetLocation,
+        request: EvaluateRequest,
+        reraise: bool = False,
+    ) -> None:
+        try:
+            async with self._running:
+                await self._set(evaluation_id, status="running")
+                result = await self._measure(raw, dataset, request)
+        except asyncio.CancelledError:
+            await asyncio.shield(self._set(evaluation_id, status="failed", error=INTERRUPTED, finished_at=utcnow()))
+            raise
+        except HokusaiError as exc:
+            await self._set(evaluation_id, status="failed", error=exc.detail[:2000], finished_at=utcnow())
+            if reraise:
+                raise
+            return
+        except Exception:
+            logger.exception("Evaluation %s failed", evaluation_id)
+            await self._set(evaluation_id, status="failed", error="Internal error", finished_at=utcnow())
+            if reraise:
+                raise
+            return
+        await self._set(evaluation_id, status="succeeded", result=result, finished_at=utcnow())
+
+    async def _set(self, evaluation_id: str, **values: Any) -> None:
+        async with self._database.session() as session, session.begin():
+            await session.execute(update(EvaluationRow).where(EvaluationRow.id == evaluation_id).values(**values))
+
+    async def _measure(self, raw: dict[str, Any], dataset: DatasetLocation, request: EvaluateRequest) -> dict:
+        started = time.perf_counter()
+        model = await self._loader.load(raw["name"], raw["version"])
+        with tempfile.TemporaryDirectory(prefix="hokusai-dataset-") as scratch:
+            path = dataset.local
+            if path is None:
+                file = ArtifactFile(dataset.artifact_path or "", dataset.size)
+                await save_files(self._upstream, dataset.artifact_root or "", [file], Path(scratch))
+                path = Path(scratch) / file.path
+            frame = await anyio.to_thread.run_sync(read_frame, path, dataset.kind)
+            digest = await anyio.to_thread.run_sync(file_digest, path)
+        scores = await anyio.to_thread.run_sync(compute_metrics, model, frame, request.target_column, request.metrics)
+        duration = time.perf_counter() - started
+        run_id = await self._log_run(raw, dataset, digest, len(frame), request, scores)
+        return {
+            "metrics": scores,
+            "sample_count": len(frame),
+            "run_id": run_id,
+            "duration_seconds": round(duration, 3),
+        }
+
+    async def _log_run(
+        self,
+        raw: dict[str, Any],
+        dataset: DatasetLocation,
+        digest: str,
+        rows: int,
+        request: EvaluateRequest,
+        scores: dict[str, float],
+    ) -> str:
+        """An MLflow run holding the scores (as eval_*), the dataset as an input, tagged with the version."""
+        experiment_id = await self._reader.evaluation_experiment_id(create=True)
+        now = int(time.time() * 1000)
+        created = await self._api(
+            "POST",
+            "/runs/create",
+            json={
+                "experiment_id": experiment_id,
+                "start_time": now,
+                "run_name": f"evaluate {raw['name']}:{raw['version']}",
+                "tags": [
+                    {"key": EVALUATED_MODEL_TAG, "value": raw["name"]},
+                    {"key": EVALUATED_VERSION_TAG, "value": raw["version"]},
+                ],
+            },
+        )
+        run_id = created["run"]["info"]["run_id"]
+        await self._api(
+            "POST",
+            "/runs/log-batch",
+            json={
+                "run_id": run_id,
+                "metrics": [
+                    {"key": EVALUATION_PREFIX + name, "value": value, "timestamp": now, "step": 0}
+                    for name, value in scores.items()
+                ],
+                "params": [
+                    {"key": "dataset_path", "value": request.dataset_path},
+                    {"key": "target_column", "value": request.target_column},
+                    {"key": "sample_count", "value": str(rows)},
+                ],
+            },
+        )
+        await self._api(
+            "POST",
+            "/runs/log-inputs",
+            json={
+                "run_id": run_id,
+                "datasets": [
+                    {
+                        "tags": [{"key": "mlflow.data.context", "value": "evaluation"}],
+                        "dataset": {
+                            "name": PurePosixPath(request.dataset_path).stem,
+                            "digest": digest[:16],
+                            "source_type": "local" if dataset.local else "mlflow-artifacts",
+                            "source": json.dumps({"uri": request.dataset_path}),
+                            "profile": json.dumps({"num_rows": rows}),
+                        },
+                    }
+                ],
+            },
+        )
+        await self._api(
+            "POST", "/runs/update", json={"run_id": run_id, "status": "FINISHED", "end_time": int(time.time() * 1000)}
+        )
+        return run_id

@@ -1,0 +1,86 @@
+"""Contributor impact: each contribution recorded with the improvement its version brought over its parent."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from hokusai.server.errors import NotFound
+from hokusai.server.registry.contributors import ContributionStore, checksum_address, contributors_in_tags
+from hokusai.server.registry.lineage import LineageService
+from hokusai.server.registry.models import ContributionRow
+from hokusai.server.registry.schemas import ContributorImpact
+from hokusai.server.registry.versions import MetricDirection, VersionReader
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    versions_seen: int
+    versions_with_contributors: int
+    contributions: int
+
+
+class ImpactService:
+    def __init__(
+        self, reader: VersionReader, lineage: LineageService, store: ContributionStore, direction: MetricDirection
+    ) -> None:
+        self._reader = reader
+        self._lineage = lineage
+        self._store = store
+        self._direction = direction
+
+    async def impact(self, address: str, limit: int, offset: int) -> ContributorImpact:
+        return await self._store.impact(checksum_address(address), limit, offset)
+
+    async def record_version(self, name: str, version: str) -> int:
+        """(Re)record the contributions of one version; how many there are."""
+        raw = await self._reader.version(name, version)
+        facts = await self._reader.facts(raw)
+        shares = contributors_in_tags(facts.tags)
+        if not shares:
+            await self._store.replace(facts.name, facts.version, [])
+            return 0
+        parent = await self._lineage.parent(raw)
+        parent_facts = None
+        if parent is not None:
+            try:
+                parent_facts = await self._reader.facts(await self._reader.version(*parent))
+            except NotFound as exc:  # a vanished parent leaves the contribution without a baseline, not unrecorded
+                logger.warning("Parent %s:%s of %s unreadable: %s", *parent, facts.reference, exc)
+        metric = facts.benchmark_metric() or (parent_facts.benchmark_metric() if parent_facts else None)
+        value = facts.metrics().get(metric) if metric else None
+        parent_value = parent_facts.metrics().get(metric) if metric and parent_facts else None
+        improvement = 0.0
+        if metric and value is not None and parent_value is not None:
+            improvement = self._direction.improvement(metric, parent_value, value)
+        model_id = await self._lineage.model_id(facts.name)
+        rows = [
+            ContributionRow(
+                address=share.address,
+                model_name=facts.name,
+                version=facts.version,
+                model_id=model_id,
+                weight=share.weight,
+                benchmark_metric=metric,
+                benchmark_value=value,
+                parent=f"{parent[0]}:{parent[1]}" if parent else None,
+                parent_value=parent_value,
+                improvement_score=improvement * share.weight,
+                contributed_at=facts.created_at,
+            )
+            for share in shares
+        ]
+        await self._store.replace(facts.name, facts.version, rows)
+        return len(rows)
+
+    async def rebuild(self) -> RebuildReport:
+        """Every version in MLflow read again (a page of 1,000 at a time) and its contributions recorded anew."""
+        seen = named = recorded = 0
+        async for raw in self._reader.every_version():
+            seen += 1
+            if contributors_in_tags({t["key"]: t.get("value", "") for t in raw.get("tags", [])}):
+                named += 1
+                recorded += await self.record_version(raw["name"], raw["version"])
+        return RebuildReport(seen, named, recorded)

@@ -1,0 +1,206 @@
+"""Lineage of a version (parents, training data, experiments) and the improvement history of a whole model."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from sqlalchemy import select
+
+from hokusai.server.db import Database
+from hokusai.server.errors import NotFound
+from hokusai.server.registry.contributors import contributors_in_tags
+from hokusai.server.registry.models import ModelIdRow
+from hokusai.server.registry.schemas import (
+    DatasetInput,
+    ImprovementHistory,
+    ImprovementStep,
+    VersionLineage,
+)
+from hokusai.server.registry.versions import (
+    MetricDirection,
+    ModelReference,
+    VersionReader,
+    benchmark_of,
+    run_metrics,
+    tags_of,
+)
+from hokusai.server.timestamps import from_millis, iso
+
+PARENT_VERSION_TAG = "parent_version"
+BASELINE_MODEL_TAG = "baseline_model_id"
+BASELINE_VERSION_TAG = "baseline_version"
+TRAINING_DATA_TAG = "training_data"
+
+
+class ModelNotRegistered(NotFound):
+    def __init__(self, model: str) -> None:
+        super().__init__(f"Model not found: {model}")
+
+
+class LineageService:
+    def __init__(self, reader: VersionReader, database: Database, direction: MetricDirection) -> None:
+        self._reader = reader
+        self._database = database
+        self._direction = direction
+
+    async def model_name(self, model_id: str) -> str:
+        """A stable model id (`mdl_...`) as the service assigned it, or a model name as it is."""
+        async with self._database.session() as session:
+            name = await session.scalar(select(ModelIdRow.name).where(ModelIdRow.model_id == model_id))
+        return name or model_id
+
+    async def model_id(self, name: str) -> str | None:
+        async with self._database.session() as session:
+            return await session.scalar(select(ModelIdRow.model_id).where(ModelIdRow.name == name))
+
+    async def parent(self, raw: dict[str, Any], siblings: list[dict[str, Any]] | None = None) -> tuple[str, str] | None:
+        """The version this one improves on: named by its tags, else the previous version of the same model."""
+        tags = tags_of(raw)
+        named = await self._named_parent(raw["name"], tags)
+        if named is not None:
+            return named
+        if siblings is None:
+            siblings = await self._reader.all_versions(raw["name"])
+        earlier = [int(v["version"]) for v in siblings if int(v["version"]) < int(raw["version"])]
+        return (raw["name"], str(max(earlier))) if earlier else None
+
+    async def _named_parent(self, name: str, tags: dict[str, str]) -> tuple[str, str] | None:
+        parent = tags.get(PARENT_VERSION_TAG, "").strip()
+        if parent.isdigit():
+            return name, str(int(parent))
+        if parent:
+            reference = ModelReference.parse(parent)
+            if reference.version is not None:
+                return reference.name, reference.version
+        baseline = tags.get(BASELINE_MODEL_TAG, "").strip()
+        baseline_version = tags.get(BASELINE_VERSION_TAG, "").strip()
+        if baseline and baseline_version.isdigit():
+            return await self.model_name(baseline), str(int(baseline_version))
+        if baseline and ":" in baseline:
+            reference = ModelReference.parse(baseline)
+            if reference.version is not None:
+                return await self.model_name(reference.name), reference.version
+        return None
+
+    async def version_lineage(self, name: str, version: str) -> VersionLineage:
+        raw = await self._reader.version(name, version)
+        parent = await self.parent(raw)
+        run = await self._reader.run(raw["run_id"]) if raw.get("run_id") else None
+        datasets = datasets_of(run)
+        tags = tags_of(raw)
+        training_data = [dataset.name for dataset in datasets if dataset.context in (None, "training", "train")]
+        if not training_data:
+            training_data = training_data_tag(tags.get(TRAINING_DATA_TAG, ""))
+        experiments = [run["info"]["experiment_id"]] if run else []
+        return VersionLineage(
+            model=f"{raw['name']}:{raw['version']}",
+            model_id=await self.model_id(raw["name"]),
+            run_id=raw.get("run_id") or None,
+            parents=[f"{parent[0]}:{parent[1]}"] if parent else [],
+            training_data=training_data,
+            datasets=datasets,
+            experiments=experiments,
+            contributors=contributors_in_tags(tags),
+        )
+
+    async def improvement_history(self, model_id: str) -> ImprovementHistory:
+        """Every version with its benchmark metrics and its improvement over its parent.
+
+        MLflow calls: the versions (1,000 a page), the experiments, and the runs (500 a call): they do not grow with
+        each version, only with their thousands. A parent in another model is looked up on its own.
+        """
+        name = await self.model_name(model_id)
+        versions = await self._reader.all_versions(name)
+        if not versions:
+            raise ModelNotRegistered(model_id)
+        runs = await self._reader.runs({v["run_id"] for v in versions if v.get("run_id")})
+        metrics = {v["version"]: version_metrics(v, runs.get(v.get("run_id") or "")) for v in versions}
+        default_metric = next(
+            (bench[0] for v in reversed(versions) if (bench := benchmark_of(tags_of(v))) is not None), None
+        )
+        steps = []
+        for raw in versions:
+            tags = tags_of(raw)
+            parent = await self.parent(raw, versions)
+            metric = bench[0] if (bench := benchmark_of(tags)) is not None else default_metric
+            parent_metrics = await self._metrics_of(parent, name, metrics)
+            improvement = None
+            if metric and parent_metrics is not None:
+                before, after = parent_metrics.get(metric), metrics[raw["version"]].get(metric)
+                if before is not None and after is not None:
+                    improvement = self._direction.improvement(metric, before, after)
+            contributors = contributors_in_tags(tags)
+            steps.append(
+                ImprovementStep(
+                    version=raw["version"],
+                    metrics=metrics[raw["version"]],
+                    created_at=iso(from_millis(raw.get("creation_timestamp"))),
+                    contributor=contributors[0].address if len(contributors) == 1 else None,
+                    contributors=contributors,
+                    parent=f"{parent[0]}:{parent[1]}" if parent else None,
+                    benchmark_metric=metric,
+                    improvement=improvement,
+                )
+            )
+        return ImprovementHistory(
+            model_id=await self.model_id(name) or name,
+            model_name=name,
+            lineage=steps,
+            total_versions=len(steps),
+            latest_version=steps[-1].version,
+        )
+
+    async def _metrics_of(
+        self, parent: tuple[str, str] | None, name: str, known: dict[str, dict[str, float]]
+    ) -> dict[str, float] | None:
+        if parent is None:
+            return None
+        if parent[0] == name:
+            return known.get(parent[1])
+        try:
+            raw = await self._reader.version(*parent)
+        except NotFound:
+            return None
+        run = await self._reader.run(raw["run_id"]) if raw.get("run_id") else None
+        return version_metrics(raw, run)
+
+
+def version_metrics(raw: dict[str, Any], run: dict[str, Any] | None) -> dict[str, float]:
+    """The run's metrics and the registered benchmark (which wins)."""
+    metrics = run_metrics(run)
+    if (bench := benchmark_of(tags_of(raw))) is not None:
+        metrics[bench[0]] = bench[1]
+    return metrics
+
+
+def datasets_of(run: dict[str, Any] | None) -> list[DatasetInput]:
+    """Datasets logged on the run with mlflow.log_input."""
+    found = []
+    for entry in ((run or {}).get("inputs") or {}).get("dataset_inputs", []):
+        dataset = entry.get("dataset", {})
+        context = tags_of(entry).get("mlflow.data.context")
+        found.append(
+            DatasetInput(
+                name=dataset.get("name", ""),
+                digest=dataset.get("digest", ""),
+                source_type=dataset.get("source_type", ""),
+                source=dataset.get("source", ""),
+                context=context,
+            )
+        )
+    return found
+
+
+def training_data_tag(value: str) -> list[str]:
+    """A `training_data` tag: a JSON list of names, or names separated by commas."""
+    value = value.strip()
+    if not value:
+        return []
+    try:
+        parsed = json.loads(value)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, list):
+        return [str(item) for item in parsed]
+    return [part.strip() for part in value.split(",") if part.strip()]

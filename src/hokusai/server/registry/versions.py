@@ -1,0 +1,314 @@
+"""What MLflow knows about one model version, gathered for the analytics: its run, logged model, evaluations and
+benchmark, and which way each metric should move.
+
+A version's metrics are, in increasing precedence: its source run's metrics, its logged model's metrics (the
+latest value of each key), the metrics of its latest evaluation run (`eval_*`), and the benchmark the version was
+registered with (`benchmark_value` under the `benchmark_metric` name).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from hokusai.server.errors import InvalidRequest
+from hokusai.server.registry.mlflow_api import MlflowApi
+from hokusai.server.registry.registration import LOGGED_MODEL
+from hokusai.server.registry.service import ModelNotFound, quoted, version_number
+from hokusai.server.timestamps import from_millis
+
+BENCHMARK_METRIC_TAG = "benchmark_metric"
+BENCHMARK_VALUE_TAG = "benchmark_value"
+# Tags of evaluation runs naming the version they measured (no dots: MLflow filters would need backquotes).
+EVALUATED_MODEL_TAG = "hokusai_evaluated_model"
+EVALUATED_VERSION_TAG = "hokusai_evaluated_version"
+EVALUATION_PREFIX = "eval_"
+REFERENCE_FORMAT = "a model reference must be Name:Version or Name@alias"
+
+
+class InvalidReference(InvalidRequest):
+    def __init__(self, reference: str) -> None:
+        super().__init__(f"Invalid model reference {reference!r}: {REFERENCE_FORMAT}")
+
+
+@dataclass(frozen=True)
+class ModelReference:
+    name: str
+    version: str | None = None
+    alias: str | None = None
+
+    @classmethod
+    def parse(cls, reference: str) -> ModelReference:
+        """`Name:Version` or `Name@alias`; the last separator counts, so names may contain the other one."""
+        reference = reference.strip()
+        name, colon, version = reference.rpartition(":")
+        if colon and name and version.isdigit():
+            return cls(name=name, version=version)
+        name, at, alias = reference.rpartition("@")
+        if at and name and re.fullmatch(r"[A-Za-z0-9_-]+", alias):
+            return cls(name=name, alias=alias)
+        raise InvalidReference(reference)
+
+
+@dataclass
+class VersionFacts:
+    name: str
+    version: str
+    raw: dict[str, Any]
+    run: dict[str, Any] | None = None
+    logged_model: dict[str, Any] | None = None
+    evaluation: dict[str, Any] | None = None  # the latest evaluation run of this version
+    tags: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> str:
+        return f"{self.name}:{self.version}"
+
+    @property
+    def run_id(self) -> str | None:
+        return self.raw.get("run_id") or None
+
+    @property
+    def logged_model_id(self) -> str | None:
+        match = LOGGED_MODEL.match(self.raw.get("source", ""))
+        return match.group(1) if match else None
+
+    @property
+    def created_at(self) -> datetime:
+        return from_millis(self.raw.get("creation_timestamp", 0))
+
+    @property
+    def benchmark(self) -> tuple[str, float] | None:
+        return benchmark_of(self.tags)
+
+    def recorded_metrics(self) -> dict[str, float]:
+        """What training recorded: the source run's metrics and the logged model's (which win)."""
+        merged = run_metrics(self.run)
+        if self.logged_model is not None:
+            merged.update(latest_metrics(self.logged_model.get("data", {}).get("metrics", [])))
+        return merged
+
+    def metrics(self) -> dict[str, float]:
+        merged = self.recorded_metrics()
+        merged.update(run_metrics(self.evaluation))
+        if self.benchmark is not None:
+            merged[self.benchmark[0]] = self.benchmark[1]
+        return merged
+
+    def benchmark_metric(self) -> str | None:
+        return self.benchmark[0] if self.benchmark else None
+
+
+def tags_of(raw: dict[str, Any] | None) -> dict[str, str]:
+    return {tag["key"]: tag.get("value", "") for tag in (raw or {}).get("tags", []) or []}
+
+
+def benchmark_of(tags: dict[str, str]) -> tuple[str, float] | None:
+    """The (metric, value) a version was registered with, when both tags are there and the value is a number."""
+    metric, value = tags.get(BENCHMARK_METRIC_TAG, "").strip(), tags.get(BENCHMARK_VALUE_TAG)
+    if not metric or value is None:
+        return None
+    try:
+        return metric, float(value)
+    except ValueError:
+        return None
+
+
+def latest_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
+    """The latest value of each key (by step, then timestamp), as MLflow shows a run's metrics."""
+    latest: dict[str, tuple[int, int, float]] = {}
+    for metric in metrics:
+        order = (int(metric.get("step", 0) or 0), int(metric.get("timestamp", 0) or 0))
+        value = float(metric.get("value", 0.0))
+        if metric["key"] not in latest or order >= latest[metric["key"]][:2]:
+            latest[metric["key"]] = (*order, value)
+    return {key: value for key, (_, _, value) in latest.items()}
+
+
+def run_metrics(run: dict[str, Any] | None) -> dict[str, float]:
+    return latest_metrics(((run or {}).get("data") or {}).get("metrics", []))
+
+
+class MetricDirection:
+    """Which way is better for a metric: lower when a part of its name is a loss/error/latency kind."""
+
+    def __init__(self, lower_is_better: frozenset[str]) -> None:
+        self._patterns = [_name_parts(kind) for kind in lower_is_better]
+
+    def lower_is_better(self, metric: str) -> bool:
+        parts = _name_parts(metric)
+        return any(
+            parts[start : start + len(pattern)] == pattern
+            for pattern in self._patterns
+            for start in range(len(parts) - len(pattern) + 1)
+        )
+
+    def improvement(self, metric: str, before: float, after: float) -> float:
+        """Positive when `after` is better than `before`, negative for a regression."""
+        return before - after if self.lower_is_better(metric) else after - before
+
+
+def _name_parts(name: str) -> list[str]:
+    return [part for part in re.split(r"[^a-z0-9]+", name.lower()) if part]
+
+
+class VersionReader:
+    """Reads versions and what hangs off them; every call goes through the one upstream client."""
+
+    def __init__(self, api: MlflowApi, evaluation_experiment: str) -> None:
+        self._api = api
+        self._evaluation_experiment = evaluation_experiment
+        self._evaluation_experiment_id: str | None = None
+
+    async def version(self, name: str, version: str) -> dict[str, Any]:
+        version = version_number(name, version)
+        found = await self._api(
+            "GET",
+            "/model-versions/get",
+            params={"name": name, "version": version},
+            not_found=ModelNotFound(name, version),
+        )
+        return found["model_version"]
+
+    async def resolve(self, reference: ModelReference) -> dict[str, Any]:
+        if reference.version is not None:
+            return await self.version(reference.name, reference.version)
+        found = await self._api(
+            "GET",
+            "/registered-models/alias",
+            params={"name": reference.name, "alias": reference.alias or ""},
+            not_found=ModelNotFound(reference.name, f"@{reference.alias}"),
+        )
+        return found["model_version"]
+
+    async def facts(self, raw: dict[str, Any], with_evaluation: bool = True) -> VersionFacts:
+        """The version with its run, logged model and latest evaluation, fetched side by side."""
+        facts = VersionFacts(name=raw["name"], version=raw["version"], raw=raw, tags=tags_of(raw))
+        run, logged, evaluation = await asyncio.gather(
+            self.run(facts.run_id) if facts.run_id else _nothing(),
+            self.logged_model(facts.logged_model_id) if facts.logged_model_id else _nothing(),
+            self.latest_evaluation(facts.name, facts.version) if with_evaluation else _nothing(),
+        )
+        facts.run, facts.logged_model, facts.evaluation = run, logged, evaluation
+        return facts
+
+    async def run(self, run_id: str) -> dict[str, Any] | None:
+        """The run, or None when it was deleted (a version outlives its run)."""
+        found = await self._api(
+            "GET", "/runs/get", params={"run_id": run_id}, tolerated=frozenset({"RESOURCE_DOES_NOT_EXIST"})
+        )
+        return found.get("run")
+
+    async def logged_model(self, model_id: str) -> dict[str, Any] | None:
+        found = await self._api(
+            "GET", f"/logged-models/{model_id}", tolerated=frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"})
+        )
+        return found.get("model")
+
+    async def runs(self, run_ids: set[str]) -> dict[str, dict[str, Any]]:
+        """Many runs in a few calls: every experiment is searched for the ids at once, 500 ids a call."""
+        if not run_ids:
+            return {}
+        experiments = await self.experiment_ids()
+        found: dict[str, dict[str, Any]] = {}
+        ordered = sorted(run_ids)
+        for start in range(0, len(ordered), 500):
+            chunk = ordered[start : start + 500]
+            page_token = None
+            while True:
+                body = {
+                    "experiment_ids": experiments,
+                    "filter": f"attributes.run_id IN ({', '.join(quoted(run_id) for run_id in chunk)})",
+                    "run_view_type": "ALL",
+                    "max_results": 1000,
+                }
+                if page_token:
+                    body["page_token"] = page_token
+                page = await self._api("POST", "/runs/search", json=body)
+                for run in page.get("runs", []):
+                    found[run["info"]["run_id"]] = run
+                page_token = page.get("next_page_token")
+                if not page_token:
+                    break
+        return found
+
+    async def experiment_ids(self) -> list[str]:
+        ids: list[str] = []
+        page_token = None
+        while True:
+            params = {"max_results": "1000", "view_type": "ALL"}
+            if page_token:
+                params["page_token"] = page_token
+            page = await self._api("GET", "/experiments/search", params=params)
+            ids += [experiment["experiment_id"] for experiment in page.get("experiments", [])]
+            page_token = page.get("next_page_token")
+            if not page_token:
+                return ids
+
+    async def all_versions(self, name: str) -> list[dict[str, Any]]:
+        """Every version of a model, oldest first."""
+        versions = [raw async for raw in self.every_version(f"name = {quoted(name)}")]
+        return sorted(versions, key=lambda v: int(v["version"]))
+
+    async def every_version(self, filter_string: str | None = None) -> AsyncIterator[dict[str, Any]]:
+        """Versions matching the filter (all of them without one), read 1,000 a page."""
+        page_token = None
+        while True:
+            params = {"max_results": "1000"}
+            if filter_string:
+                params["filter"] = filter_string
+            if page_token:
+                params["page_token"] = page_token
+            page = await self._api("GET", "/model-versions/search", params=params)
+            for raw in page.get("model_versions", []):
+                yield raw
+            page_token = page.get("next_page_token")
+            if not page_token:
+                return
+
+    async def evaluation_experiment_id(self, create: bool = False) -> str | None:
+        if self._evaluation_experiment_id is None:
+            found = await self._api(
+                "GET",
+                "/experiments/get-by-name",
+                params={"experiment_name": self._evaluation_experiment},
+                tolerated=frozenset({"RESOURCE_DOES_NOT_EXIST"}),
+            )
+            if "experiment" in found:
+                self._evaluation_experiment_id = found["experiment"]["experiment_id"]
+            elif create:
+                created = await self._api(
+                    "POST",
+                    "/experiments/create",
+                    json={"name": self._evaluation_experiment},
+                    tolerated=frozenset({"RESOURCE_ALREADY_EXISTS"}),
+                )
+                if "experiment_id" not in created:  # created by another request meanwhile
+                    return await self.evaluation_experiment_id()
+                self._evaluation_experiment_id = created["experiment_id"]
+        return self._evaluation_experiment_id
+
+    async def latest_evaluation(self, name: str, version: str) -> dict[str, Any] | None:
+        experiment_id = await self.evaluation_experiment_id()
+        if experiment_id is None:
+            return None
+        page = await self._api(
+            "POST",
+            "/runs/search",
+            json={
+                "experiment_ids": [experiment_id],
+                "filter": f"tags.{EVALUATED_MODEL_TAG} = {quoted(name)} AND tags.{EVALUATED_VERSION_TAG} = '{version}'",
+                "order_by": ["attributes.start_time DESC"],
+                "max_results": 1,
+            },
+        )
+        runs = page.get("runs", [])
+        return runs[0] if runs else None
+
+
+async def _nothing() -> None:
+    return None
