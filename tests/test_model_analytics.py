@@ -297,7 +297,9 @@ def test_metrics_sort_training_and_validation(reader, scenario):
 
 def test_lineage_names_the_parent_and_the_dataset(reader, writer, scenario):
     first, second = scenario["versions"]
-    lineage = reader.get(f"/models/{MODEL}/2/lineage").json()
+    answer = reader.get(f"/models/{MODEL}/2/lineage")
+    assert answer.headers["ratelimit-policy"].startswith('"route";q=100;w=60')  # the reference's lineage limit
+    lineage = answer.json()
     assert lineage["model"] == f"{MODEL}:2" and lineage["parents"] == [f"{MODEL}:1"]
     assert lineage["training_data"] == ["train_b"] and lineage["datasets"][0]["digest"] == second["digest"]
     assert json.loads(lineage["datasets"][0]["source"]) == {"uri": "/data/train_b.csv"}
@@ -319,6 +321,7 @@ def test_improvement_history_and_contributor_impact(reader, writer, scenario):
     assert steps["2"]["improvement"] == pytest.approx(v2 - v1) and steps["2"]["parent"] == f"{MODEL}:1"
     assert steps["2"]["metrics"]["val_accuracy"] == pytest.approx(v2) and steps["2"]["contributor"] == CONTRIBUTOR
     assert datetime.fromisoformat(steps["2"]["created_at"]) >= datetime.fromisoformat(steps["1"]["created_at"])
+    assert history.headers["ratelimit-policy"].startswith('"route";q=100;w=60')
     by_name = reader.get(f"/models/{MODEL}/lineage").json()
     assert by_name["lineage"] == body["lineage"] and by_name["latest_version"] == body["latest_version"]
     assert reader.get("/models/no-such-model/lineage").status_code == 404
@@ -326,6 +329,7 @@ def test_improvement_history_and_contributor_impact(reader, writer, scenario):
     for asked in (CONTRIBUTOR, CONTRIBUTOR.lower(), "0x" + CONTRIBUTOR[2:].upper()):
         impact = reader.get(f"/models/contributors/{asked}/impact")
         assert impact.status_code == 200, impact.text
+        assert impact.headers["ratelimit-policy"].startswith('"route";q=100;w=60')
         impact = impact.json()
         assert impact["address"] == CONTRIBUTOR
     own = [c for c in impact["contributions"] if c["model_name"] == MODEL]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import math
 
 from hokusai.server.errors import InvalidRequest
 from hokusai.server.registry.schemas import ComparedVersion, Comparison
@@ -44,7 +43,7 @@ class ComparisonService:
         gain = self._direction.improvement(chosen, before, after)
         allowed = (self._tolerance if tolerance is None else tolerance) * max(abs(before), abs(after))
         comparison.higher_is_better = not self._direction.lower_is_better(chosen)
-        if math.isclose(gain, 0.0, abs_tol=allowed) or abs(gain) <= allowed:
+        if abs(gain) <= allowed:
             comparison.recommendation = f"Equivalent on {chosen}: keep either version"
         else:
             comparison.better = "model2" if gain > 0 else "model1"

@@ -21,7 +21,7 @@ from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.registry.cache import RegistryReadCache
-from hokusai.server.registry.contributors import normalized_contributor_metadata
+from hokusai.server.registry.contributors import contributor_shares, normalized_contributor_metadata
 from hokusai.server.registry.download import (
     DownloadPlan,
     archive_filename,
@@ -124,7 +124,7 @@ class RegistryService:
         cache: RegistryReadCache,
         on_registered: Callable[[str, str], Awaitable[object]] | None = None,
     ) -> None:
-        """`on_registered(name, version)` runs after each registration (contribution records)."""
+        """`on_registered(name, version)` runs after each registration that names contributors (their records)."""
         self._upstream = upstream
         self._on_registered = on_registered
         self._mlflow = MlflowApi(upstream)
@@ -401,7 +401,7 @@ class RegistryService:
         if resolved.model_id:
             payload["model_id"] = resolved.model_id
         created = (await self._mlflow("POST", "/model-versions/create", json=payload))["model_version"]
-        if self._on_registered is not None:
+        if self._on_registered is not None and contributor_shares(metadata):
             try:
                 await self._on_registered(name, created["version"])
             except HokusaiError as exc:  # the version exists: report it; `hokusai contributions rebuild` catches up
