@@ -100,3 +100,26 @@ def redis_url() -> str:
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
+
+
+@pytest.fixture(scope="module")
+def keys(service: ServiceProcess, request: pytest.FixtureRequest) -> dict[str, str]:
+    """A read key and a write key on the shared service, new for each test module."""
+    made = {}
+    with service.client(service.admin_key) as admin:
+        for scope in ("read", "write"):
+            answer = admin.post("/api/v1/keys", json={"name": f"{request.module.__name__} {scope}", "scopes": [scope]})
+            made[scope] = answer.json()["key"]
+    return made
+
+
+@pytest.fixture(scope="module")
+def writer(service: ServiceProcess, keys: dict[str, str]):
+    with service.client(keys["write"]) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reader(service: ServiceProcess, keys: dict[str, str]):
+    with service.client(keys["read"]) as client:
+        yield client

@@ -95,6 +95,13 @@ def service_environment(**overrides: str) -> dict[str, str]:
     return env
 
 
+def through_the_gateway(service: ServiceProcess, key: str) -> dict[str, str]:
+    """The environment of a stock mlflow client that talks to MLflow through the service's gateway."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "HOKUSAI_"))}
+    env.update(MLFLOW_TRACKING_URI=f"{service.base_url}/mlflow", MLFLOW_TRACKING_TOKEN=key)
+    return env
+
+
 def spawn_service(env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:
     """`hokusai serve` in its own process group, output to `log_path` (or nowhere)."""
     command = [sys.executable, "-m", "hokusai.cli", "serve"]

@@ -99,7 +99,7 @@ def test_model_references():
     assert ModelReference.parse(" team:clf:12 ") == ModelReference("team:clf", version="12")
     assert ModelReference.parse("clf@champion") == ModelReference("clf", alias="champion")
     assert ModelReference.parse("a@b@prod-1") == ModelReference("a@b", alias="prod-1")
-    for bad in ("clf", "clf:", ":3", "clf:v3", "clf@", "@x", "clf@bad alias", ""):
+    for bad in ("clf", "clf:", ":3", "clf:v3", "clf:²", "clf@", "@x", "clf@bad alias", ""):
         with pytest.raises(InvalidRequest, match="Name:Version or Name@alias"):
             ModelReference.parse(bad)
 

@@ -15,8 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import run_cli, service_environment
-from tests.test_registry_http import through_the_gateway
+from tests.support import run_cli, service_environment, through_the_gateway
 
 MODEL = "analytics-classifier"
 CONTRIBUTOR = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"  # the EIP-55 example address
@@ -25,27 +24,9 @@ THIRD = "0xdbF03B407c01E7cD3CBea99509d93f8DDDC8C6FB"
 SCENARIO = Path(__file__).with_name("analytics_scenario.py")
 
 
-@pytest.fixture(scope="module")
-def keys(service) -> dict[str, str]:
-    made = {}
-    with service.client(service.admin_key) as admin:
-        for scope in ("read", "write"):
-            made[scope] = admin.post("/api/v1/keys", json={"name": f"analytics {scope}", "scopes": [scope]}).json()[
-                "key"
-            ]
-    return made
-
-
-@pytest.fixture(scope="module")
-def writer(service, keys):
-    with service.client(keys["write"]) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def reader(service, keys):
-    with service.client(keys["read"]) as client:
-        yield client
+def register(writer, model_uri: str, metadata: dict):
+    body = {"model_data": model_uri, "model_type": "classifier", "model_name": MODEL, "metadata": metadata}
+    return writer.post("/models/register", json=body)
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +48,7 @@ def scenario(service, keys, writer) -> dict:
         metadata = {"benchmark_metric": "val_accuracy", "benchmark_value": version["metrics"]["val_accuracy"]}
         if index == 1:
             metadata["contributor_address"] = CONTRIBUTOR.lower()
-        answer = writer.post(
-            "/models/register",
-            json={
-                "model_data": version["model_uri"],
-                "model_type": "classifier",
-                "model_name": MODEL,
-                "metadata": metadata,
-            },
-        )
+        answer = register(writer, version["model_uri"], metadata)
         assert answer.status_code == 201, answer.text
         registered.append(answer.json())
     assert [r["version"] for r in registered] == ["1", "2"]
@@ -310,6 +283,22 @@ def test_lineage_names_the_parent_and_the_dataset(reader, writer, scenario):
     assert reader.get(f"/models/{MODEL}/8/lineage").status_code == 404
 
 
+def test_parents_named_by_tags(reader, writer, scenario):
+    uri = scenario["versions"][0]["model_uri"]
+    for metadata, parent in (
+        ({"parent_version": "1"}, f"{MODEL}:1"),
+        ({"baseline_model_id": scenario["model_id"], "baseline_version": "2"}, f"{MODEL}:2"),
+        ({"baseline_model_id": f"{MODEL}:1"}, f"{MODEL}:1"),
+    ):
+        version = register(writer, uri, metadata).json()["version"]
+        assert reader.get(f"/models/{MODEL}/{version}/lineage").json()["parents"] == [parent], metadata
+    version = register(writer, uri, {"parent_version": "latest"}).json()["version"]  # names nothing: ignored
+    assert reader.get(f"/models/{MODEL}/{version}/lineage").json()["parents"] == [f"{MODEL}:{int(version) - 1}"]
+    # The history reads the same tags; versions with no benchmark are compared on the model's benchmark metric.
+    steps = {s["version"]: s for s in reader.get(f"/models/{MODEL}/lineage").json()["lineage"]}
+    assert steps[version]["parent"] == f"{MODEL}:{int(version) - 1}"
+
+
 def test_improvement_history_and_contributor_impact(reader, writer, scenario):
     v1, v2 = (v["metrics"]["val_accuracy"] for v in scenario["versions"])
     history = reader.get(f"/models/{scenario['model_id']}/lineage")
@@ -344,15 +333,13 @@ def test_weighted_contributors_and_regressions(reader, writer, scenario):
     """v3: the weaker model again, on top of v2, by two contributors: a regression, scored negative, never impact."""
     v1, v2 = (v["metrics"]["val_accuracy"] for v in scenario["versions"])
     contributors = [{"address": SECOND.lower(), "weight": 0.25}, {"address": THIRD, "weight": 0.75}]
-    answer = writer.post(
-        "/models/register",
-        json={
-            "model_data": scenario["versions"][0]["model_uri"],
-            "model_type": "classifier",
-            "model_name": MODEL,
-            "metadata": {"benchmark_metric": "val_accuracy", "benchmark_value": v1, "contributors": contributors},
-        },
-    )
+    metadata = {
+        "benchmark_metric": "val_accuracy",
+        "benchmark_value": v1,
+        "contributors": contributors,
+        "parent_version": "2",
+    }
+    answer = register(writer, scenario["versions"][0]["model_uri"], metadata)
     assert answer.status_code == 201, answer.text
     version = answer.json()["version"]
     second = reader.get(f"/models/contributors/{SECOND}/impact").json()
@@ -388,15 +375,7 @@ def test_bad_addresses_are_refused_and_nothing_is_stored(reader, writer, scenari
         ({"contributors": "not json"}, "JSON list"),
         ({"contributors": [{"address": SECOND, "weight": "all"}]}, "weight"),
     ):
-        refused = writer.post(
-            "/models/register",
-            json={
-                "model_data": scenario["versions"][0]["model_uri"],
-                "model_type": "c",
-                "model_name": MODEL,
-                "metadata": metadata,
-            },
-        )
+        refused = register(writer, scenario["versions"][0]["model_uri"], metadata)
         assert refused.status_code == 400 and words in refused.json()["detail"], refused.text
     assert reader.get("/models/", params={"name": MODEL}).json()["models"] == before
 

@@ -132,7 +132,7 @@ async def _body(request: Request) -> bytes | AsyncIterator[bytes] | None:
 
 def _declared_length(value: str | None) -> int:
     """A Content-Length as a number; unknown or malformed counts as large (streamed)."""
-    return int(value) if value is not None and value.isdigit() else SMALL_BODY_BYTES + 1
+    return int(value) if value is not None and value.isascii() and value.isdigit() else SMALL_BODY_BYTES + 1
 
 
 async def _relay(upstream_response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:

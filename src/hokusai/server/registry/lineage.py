@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import select
 
 from hokusai.server.db import Database
-from hokusai.server.errors import NotFound
+from hokusai.server.errors import InvalidRequest, NotFound
 from hokusai.server.registry.contributors import contributors_in_tags
 from hokusai.server.registry.models import ModelIdRow
 from hokusai.server.registry.schemas import (
@@ -17,6 +17,7 @@ from hokusai.server.registry.schemas import (
     ImprovementStep,
     VersionLineage,
 )
+from hokusai.server.registry.service import is_number
 from hokusai.server.registry.versions import (
     MetricDirection,
     ModelReference,
@@ -66,21 +67,18 @@ class LineageService:
         return (raw["name"], str(max(earlier))) if earlier else None
 
     async def _named_parent(self, name: str, tags: dict[str, str]) -> tuple[str, str] | None:
+        """A tag that names no version (`parent_version=latest`) is ignored: stored data never fails a read."""
         parent = tags.get(PARENT_VERSION_TAG, "").strip()
-        if parent.isdigit():
+        if is_number(parent):
             return name, str(int(parent))
-        if parent:
-            reference = ModelReference.parse(parent)
-            if reference.version is not None:
-                return reference.name, reference.version
+        if (reference := _version_reference(parent)) is not None:
+            return reference
         baseline = tags.get(BASELINE_MODEL_TAG, "").strip()
         baseline_version = tags.get(BASELINE_VERSION_TAG, "").strip()
-        if baseline and baseline_version.isdigit():
+        if baseline and is_number(baseline_version):
             return await self.model_name(baseline), str(int(baseline_version))
-        if baseline and ":" in baseline:
-            reference = ModelReference.parse(baseline)
-            if reference.version is not None:
-                return await self.model_name(reference.name), reference.version
+        if (reference := _version_reference(baseline)) is not None:
+            return await self.model_name(reference[0]), reference[1]
         return None
 
     async def version_lineage(self, name: str, version: str) -> VersionLineage:
@@ -164,6 +162,15 @@ class LineageService:
             return None
         run = await self._reader.run(raw["run_id"]) if raw.get("run_id") else None
         return version_metrics(raw, run)
+
+
+def _version_reference(value: str) -> tuple[str, str] | None:
+    """`name:3` as (name, "3"); anything else None."""
+    try:
+        reference = ModelReference.parse(value)
+    except InvalidRequest:
+        return None
+    return (reference.name, str(int(reference.version))) if reference.version else None
 
 
 def version_metrics(raw: dict[str, Any], run: dict[str, Any] | None) -> dict[str, float]:

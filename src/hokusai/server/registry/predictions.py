@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import secrets
 import shutil
 import statistics
 import time
@@ -36,8 +37,6 @@ from hokusai.server.registry.schemas import (
     ProductionMetrics,
 )
 from hokusai.server.registry.service import ModelNotFound, version_number
-
-COMPLETE_MARKER = ".complete"
 
 
 class ModelUnusable(Unprocessable):
@@ -88,15 +87,27 @@ class ModelLoader:
         root = served_artifact_root(located["artifact_uri"])
         # Versions never change their files, so a complete download is reused (the root names the files).
         directory = self._cache_dir / hashlib.sha256(f"{name}\0{version}\0{root}".encode()).hexdigest()[:32]
-        if not await anyio.Path(directory / COMPLETE_MARKER).exists():
-            await anyio.to_thread.run_sync(shutil.rmtree, directory, True)
-            await save_files(self._upstream, root, await list_files(self._upstream, root), directory)
-            await anyio.Path(directory / COMPLETE_MARKER).touch()
+        if not await anyio.Path(directory).exists():
+            await self._fetch(root, directory)
         try:
             pyfunc = await anyio.to_thread.run_sync(_load_pyfunc, directory)
         except Exception as exc:  # whatever the flavor raises: the model cannot serve, the service can
             raise ModelUnusable(f"Model {name}:{version} could not be loaded: {_first_line(exc)}") from exc
         return LoadedModel(name, version, pyfunc)
+
+    async def _fetch(self, root: str, directory: Path) -> None:
+        """Into a staging directory, renamed into place when complete: a half-fetched model is never loaded, and two
+        processes sharing HOME cannot mix their files."""
+        staging = directory.with_name(f"{directory.name}.{secrets.token_hex(4)}.partial")
+        try:
+            await anyio.Path(staging).mkdir(parents=True)
+            await save_files(self._upstream, root, await list_files(self._upstream, root), staging)
+            await anyio.Path(staging).rename(directory)
+        except OSError:
+            if not await anyio.Path(directory).exists():
+                raise
+        finally:  # left over when another process won the rename, or when the fetch failed
+            await anyio.to_thread.run_sync(shutil.rmtree, staging, True)
 
 
 def _load_pyfunc(directory: Path) -> Any:

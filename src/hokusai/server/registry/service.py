@@ -82,9 +82,14 @@ def quoted(value: str) -> str:
 MAX_VERSION_DIGITS = 18  # MLflow keeps versions as 64-bit integers; a longer number names no version
 
 
+def is_number(text: str) -> bool:
+    """ASCII digits only: str.isdigit() also accepts '²' (which int() refuses) and '٣' (which it reads as 3)."""
+    return text.isascii() and text.isdigit()
+
+
 def version_number(name: str, version: str) -> str:
     """Versions are positive integers; anything else names no model version."""
-    if not version.isdigit() or len(version.lstrip("0")) > MAX_VERSION_DIGITS or int(version) < 1:
+    if not is_number(version) or len(version.lstrip("0")) > MAX_VERSION_DIGITS or int(version) < 1:
         raise ModelNotFound(name, version)
     return str(int(version))
 

@@ -18,7 +18,7 @@ from typing import Any
 from hokusai.server.errors import InvalidRequest
 from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.registry.registration import LOGGED_MODEL
-from hokusai.server.registry.service import ModelNotFound, quoted, version_number
+from hokusai.server.registry.service import ModelNotFound, is_number, quoted, version_number
 from hokusai.server.timestamps import from_millis
 
 BENCHMARK_METRIC_TAG = "benchmark_metric"
@@ -46,7 +46,7 @@ class ModelReference:
         """`Name:Version` or `Name@alias`; the last separator counts, so names may contain the other one."""
         reference = reference.strip()
         name, colon, version = reference.rpartition(":")
-        if colon and name and version.isdigit():
+        if colon and name and is_number(version):
             return cls(name=name, version=version)
         name, at, alias = reference.rpartition("@")
         if at and name and re.fullmatch(r"[A-Za-z0-9_-]+", alias):
