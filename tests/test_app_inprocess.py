@@ -29,6 +29,7 @@ PUBLIC_ROUTES = {
     "/api/health/mlflow",
     "/api/health/mlflow/detailed",
     "/api/health/mlflow/connectivity",
+    "/api/v1/dspy/health",  # whether an LM is configured, and execution totals
 }
 
 

@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from hokusai import __version__
 from hokusai.server.auth.router import router as keys_router
 from hokusai.server.config import Settings, load_settings
+from hokusai.server.dspy.router import router as dspy_router
 from hokusai.server.errors import install_error_handlers
 from hokusai.server.health.router import router as health_router
 from hokusai.server.middleware import RequestContextMiddleware
@@ -49,6 +50,7 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(keys_router)
+    app.include_router(dspy_router)
     for prefix in ("/models", "/api/models"):  # the production base URL is /api
         app.include_router(build_registry_router(prefix))
     app.add_middleware(MlflowGateway)  # /mlflow/* and /api/mlflow/*, inside the request context below

@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from hokusai.server.ratelimit.policies import parse_limit
 
 ENV_PREFIX = "HOKUSAI_"
-_SECRET_FIELDS = {"bootstrap_admin_key", "mlflow_token", "mlflow_password"}
+_SECRET_FIELDS = {"bootstrap_admin_key", "mlflow_token", "mlflow_password", "dspy_api_key"}
 
 
 class ConfigurationError(Exception):
@@ -86,6 +86,29 @@ class Settings(BaseSettings):
     )
     compare_tolerance: float = Field(
         0.001, ge=0, description="Relative difference within which compare calls two versions equivalent"
+    )
+
+    dspy_lm: str | None = Field(None, description="LiteLLM model name of the default LM, e.g. openai/my-model")
+    dspy_api_base: AnyHttpUrl | None = Field(
+        None, description="OpenAI-compatible server, e.g. http://127.0.0.1:8000/v1"
+    )
+    dspy_api_key: SecretStr | None = None
+    dspy_temperature: float | None = Field(None, ge=0, le=2)
+    dspy_max_tokens: int | None = Field(None, ge=1)
+    dspy_num_retries: int = Field(2, ge=0, le=10, description="Retries of a failed LM call (DSPy/LiteLLM backoff)")
+    dspy_timeout: float = Field(60.0, gt=0, description="Seconds an execution may take unless the request says")
+    dspy_max_timeout: float = Field(300.0, gt=0, description="Cap of the `timeout` a request may ask for")
+    dspy_cache: bool = Field(True, description="DSPy's in-memory response cache (same prompt, same answer)")
+    dspy_batch_concurrency: int = Field(16, ge=1, le=256, description="Items of one batch run at once")
+    dspy_max_batch_items: int = Field(1000, ge=1, description="Items one batch request may hold")
+    dspy_record_content: bool = Field(
+        False, description="Keep execution inputs and outputs in the records (else only their sizes)"
+    )
+    dspy_trusted_programs: dict[str, str] = Field(
+        default_factory=dict, description='Operator-trusted Python programs, JSON: {"program_id": "module:attribute"}'
+    )
+    dspy_allow_pickled: bool = Field(
+        False, description="Allow programs loaded from pickles (mlflow.dspy models): loading one runs its code"
     )
 
     bootstrap_admin_key: SecretStr | None = None

@@ -17,6 +17,7 @@ from hokusai.server.auth.store import ApiKeyStore
 from hokusai.server.buildinfo import BuildInfo, read_build_info
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, run_migrations
+from hokusai.server.dspy.service import DspyService
 from hokusai.server.metrics import track_breaker
 from hokusai.server.mlflow.breaker import CircuitBreaker
 from hokusai.server.mlflow.embedded import EmbeddedMlflow
@@ -43,6 +44,7 @@ class Runtime:
     rate_limiter: RequestRateLimiter
     registry: RegistryService
     analytics: ModelAnalytics
+    dspy: DspyService
     build: BuildInfo
     started_at: float
 
@@ -84,6 +86,8 @@ class Runtime:
             RegistryReadCache(settings.registry_cache_ttl, redis),
             on_registered=analytics.impact.record_version,
         )
+        dspy = DspyService(settings, database)
+        await dspy.start()
         return cls(
             settings=settings,
             database=database,
@@ -94,6 +98,7 @@ class Runtime:
             rate_limiter=build_rate_limiter(settings),
             registry=registry,
             analytics=analytics,
+            dspy=dspy,
             build=await anyio.to_thread.run_sync(read_build_info, settings),
             started_at=time.monotonic(),
         )

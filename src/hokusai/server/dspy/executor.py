@@ -1,0 +1,258 @@
+"""Running DSPy programs: declared programs built into DSPy modules (cached), language models from settings,
+inputs checked against the signature, `acall` on the event loop under a timeout, usage and errors captured.
+
+DSPy is imported here only, and only when the service starts the DSPy domain: `LITELLM_LOCAL_MODEL_COST_MAP` is
+set first, because LiteLLM otherwise fetches a price list from the internet at import.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import json
+import os
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from hokusai.server.config import Settings
+from hokusai.server.dspy.models import DspyProgramRow
+from hokusai.server.dspy.signatures import ParsedSignature, parse_signature
+from hokusai.server.errors import HokusaiError, InvalidRequest, ServiceUnavailable, Unprocessable
+
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network at import (see the module docstring)
+
+import dspy  # noqa: E402
+from dspy.utils.callback import BaseCallback  # noqa: E402
+from dspy.utils.exceptions import AdapterParseError, DSPyError, LMTimeoutError  # noqa: E402
+
+NO_LANGUAGE_MODEL = "No language model configured for DSPy execution"
+COMPILED_CACHE_SIZE = 256
+
+
+class NoLanguageModel(ServiceUnavailable):
+    def __init__(self) -> None:
+        super().__init__(NO_LANGUAGE_MODEL)
+
+
+class ExecutionFailed(HokusaiError):
+    """An execution that ran and failed; `error_type` is kept in its record."""
+
+    status_code = 502
+
+    def __init__(self, detail: str, error_type: str) -> None:
+        super().__init__(detail)
+        self.error_type = error_type
+
+
+class ExecutionTimedOut(ExecutionFailed):
+    status_code = 504
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"DSPy execution timed out after {seconds:g}s", "timeout")
+
+
+@dataclass
+class RunnableProgram:
+    """A DSPy module ready to call, and what its callers may send it."""
+
+    program_id: str
+    version: str
+    module: Any  # dspy.Module
+    signature: ParsedSignature | None  # None for a trusted program: its forward() decides
+    lm_settings: dict | None = None
+    output_names: list[str] = field(default_factory=list)
+
+
+def dspy_signature(parsed: ParsedSignature, instructions: str) -> Any:
+    """Built from the checked field table: DSPy never parses the string (it would import unknown type names)."""
+    fields: dict[str, tuple[Any, Any]] = {}
+    for item in parsed.inputs:
+        fields[item.name] = (item.annotation, dspy.InputField())
+    for item in parsed.outputs:
+        fields[item.name] = (item.annotation, dspy.OutputField())
+    return dspy.Signature(fields, instructions or None)
+
+
+def build_declared(row: DspyProgramRow) -> RunnableProgram:
+    parsed = parse_signature(row.signatures[0])
+    signature = dspy_signature(parsed, row.instructions)
+    module = dspy.ChainOfThought(signature) if row.module == "ChainOfThought" else dspy.Predict(signature)
+    demos = [dspy.Example(**demo).with_inputs(*[n for n in parsed.input_names if n in demo]) for demo in row.demos]
+    for predictor in module.predictors():
+        predictor.demos = demos
+    outputs = (["reasoning"] if row.module == "ChainOfThought" else []) + parsed.output_names
+    return RunnableProgram(row.program_id, row.version, module, parsed, row.lm, outputs)
+
+
+def check_declaration(signatures: list[str], module: str, demos: list[dict], instructions: str) -> ParsedSignature:
+    """Everything a declaration must satisfy before it is stored: a signature DSPy accepts, demos that fit it."""
+    parsed = parse_signature(signatures[0])
+    known = (
+        set(parsed.input_names) | set(parsed.output_names) | ({"reasoning"} if module == "ChainOfThought" else set())
+    )
+    for index, demo in enumerate(demos):
+        unknown = sorted(set(demo) - known)
+        if unknown:
+            raise InvalidRequest(f"demos[{index}] has fields the signature does not: {', '.join(unknown)}")
+    dspy_signature(parsed, instructions)
+    return parsed
+
+
+def load_trusted(program_id: str, target: str) -> RunnableProgram:
+    """An operator's Python program, `module:attribute` (a dspy.Module instance, or a class made without args)."""
+    module_name, _, attribute = target.partition(":")
+    program = getattr(importlib.import_module(module_name), attribute)
+    if isinstance(program, type):
+        program = program()
+    if not isinstance(program, dspy.Module):
+        raise TypeError(f"{target} is not a dspy.Module")
+    return RunnableProgram(program_id, "trusted", program, None)
+
+
+def check_inputs(program: RunnableProgram, inputs: dict[str, Any]) -> dict[str, Any]:
+    """Missing or unknown fields, or values of the wrong type, are 422 (DSPy itself would only warn)."""
+    if program.signature is None:
+        return inputs
+    expected = program.signature.inputs
+    missing = [item.name for item in expected if item.name not in inputs]
+    unknown = sorted(set(inputs) - {item.name for item in expected})
+    if missing or unknown:
+        problems = []
+        if missing:
+            problems.append(f"missing input fields: {', '.join(missing)}")
+        if unknown:
+            problems.append(f"unknown input fields: {', '.join(unknown)}")
+        raise Unprocessable(f"Inputs do not match the signature ({'; '.join(problems)})")
+    checked = {}
+    for item in expected:
+        try:
+            checked[item.name] = TypeAdapter(item.annotation).validate_python(inputs[item.name])
+        except ValidationError as exc:
+            first = exc.errors()[0]["msg"]
+            raise Unprocessable(f"Input field {item.name!r} must be {item.type_name}: {first}") from None
+    return checked
+
+
+class LanguageModels:
+    """dspy.LM objects by their settings: the service's own, and those programs name (same API base and key)."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._built: dict[str, Any] = {}
+
+    @property
+    def default_model(self) -> str | None:
+        return self._settings.dspy_lm
+
+    def for_program(self, program_lm: dict | None) -> Any:
+        wanted = {
+            "model": self._settings.dspy_lm,
+            "api_base": str(self._settings.dspy_api_base) if self._settings.dspy_api_base else None,
+            "temperature": self._settings.dspy_temperature,
+            "max_tokens": self._settings.dspy_max_tokens,
+        }
+        wanted.update({key: value for key, value in (program_lm or {}).items() if value is not None})
+        if not wanted["model"]:
+            raise NoLanguageModel()
+        key = json.dumps(wanted, sort_keys=True)
+        if key not in self._built:
+            api_key = self._settings.dspy_api_key.get_secret_value() if self._settings.dspy_api_key else None
+            options = {name: value for name, value in wanted.items() if value is not None and name != "model"}
+            self._built[key] = dspy.LM(
+                wanted["model"],
+                api_key=api_key or "unused",  # OpenAI-compatible servers without auth still need a value sent
+                num_retries=self._settings.dspy_num_retries,
+                cache=self._settings.dspy_cache,
+                timeout=self._settings.dspy_max_timeout,
+                **options,
+            )
+        return self._built[key]
+
+
+class CapturedCalls(BaseCallback):
+    """Debug mode: the messages sent to the LM and its raw answers, call by call."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+        self._open: dict[str, dict[str, Any]] = {}
+
+    def on_lm_start(self, call_id: str, instance: Any, inputs: dict[str, Any]) -> None:
+        entry = {"messages": inputs.get("messages"), "prompt": inputs.get("prompt")}
+        self._open[call_id] = entry
+        self.calls.append(entry)
+
+    def on_lm_end(self, call_id: str, outputs: Any, exception: Exception | None = None) -> None:
+        entry = self._open.pop(call_id, {})
+        entry["raw_output"] = outputs
+        if exception is not None:
+            entry["error"] = str(exception)
+
+
+class ProgramCache:
+    """Built DSPy modules by program version and last update (bounded, least recently used dropped)."""
+
+    def __init__(self, size: int = COMPILED_CACHE_SIZE) -> None:
+        self._size = size
+        self._programs: OrderedDict[tuple[str, str, str], RunnableProgram] = OrderedDict()
+
+    def get(self, row: DspyProgramRow) -> RunnableProgram:
+        key = (row.program_id, row.version, row.updated_at.isoformat())
+        program = self._programs.get(key)
+        if program is None:
+            program = build_declared(row)
+            self._programs[key] = program
+            while len(self._programs) > self._size:
+                self._programs.popitem(last=False)
+        self._programs.move_to_end(key)
+        return program
+
+    def clear(self) -> int:
+        count = len(self._programs)
+        self._programs.clear()
+        return count
+
+
+def render_prompt(program: RunnableProgram, inputs: dict[str, Any]) -> list[dict[str, Any]]:
+    """What the first predictor would send the LM, without calling it (dry_run)."""
+    predictor = program.module.predictors()[0]
+    return dspy.ChatAdapter().format(predictor.signature, predictor.demos, inputs)
+
+
+async def run_program(
+    program: RunnableProgram, lm: Any, inputs: dict[str, Any], timeout: float, capture: CapturedCalls | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(outputs, usage). acall runs on the event loop (DSPy's async path), so no worker thread waits on an LM."""
+    callbacks = [capture] if capture is not None else []
+    try:
+        with dspy.context(
+            lm=lm, track_usage=True, callbacks=callbacks, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)
+        ):
+            async with asyncio.timeout(timeout):
+                prediction = await program.module.acall(**inputs)
+    except (TimeoutError, LMTimeoutError):
+        raise ExecutionTimedOut(timeout) from None
+    except AdapterParseError as exc:
+        raise ExecutionFailed(f"The language model's answer could not be read: {_first_line(exc)}", "parse") from exc
+    except DSPyError as exc:
+        raise ExecutionFailed(f"The language model failed: {_first_line(exc)}", type(exc).__name__) from exc
+    names = program.output_names or list(prediction.keys())
+    outputs = {name: _jsonable(prediction.get(name)) for name in names if name in prediction}
+    usage = prediction.get_lm_usage() or {}
+    return outputs, {model: _jsonable(counts) for model, counts in usage.items()}
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "model_dump"):
+        return value.model_dump()
+    try:
+        json.dumps(value)
+    except TypeError:
+        return str(value)
+    return value
+
+
+def _first_line(exc: Exception) -> str:
+    return (str(exc).strip() or type(exc).__name__).splitlines()[0][:500]

@@ -1,0 +1,374 @@
+"""DspyService: program declarations, executions (single, batch, dry run, debug), their records and statistics.
+
+Knows nothing of HTTP. An execution that ran is always recorded, failed or not; a request refused before running
+(unknown program, inputs that do not fit the signature, no language model) is not an execution.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+import anyio
+
+from hokusai.server.auth.keys import Scope
+from hokusai.server.auth.store import ApiKeyInfo
+from hokusai.server.config import Settings
+from hokusai.server.db import Database, utcnow
+from hokusai.server.dspy.executor import (
+    NO_LANGUAGE_MODEL,
+    CapturedCalls,
+    ExecutionFailed,
+    LanguageModels,
+    ProgramCache,
+    RunnableProgram,
+    check_declaration,
+    check_inputs,
+    load_trusted,
+    render_prompt,
+    run_program,
+)
+from hokusai.server.dspy.models import DspyProgramRow
+from hokusai.server.dspy.schemas import (
+    BatchExecuteRequest,
+    BatchResult,
+    DspyHealth,
+    ExecuteRequest,
+    ExecutionRecord,
+    ExecutionResult,
+    Message,
+    ProgramDeclaration,
+    ProgramLM,
+    ProgramView,
+    SignatureView,
+    StatsResponse,
+)
+from hokusai.server.dspy.signatures import parse_signature
+from hokusai.server.dspy.store import ExecutionOutcome, ExecutionStore, ProgramStore
+from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
+from hokusai.server.timestamps import iso
+
+logger = logging.getLogger(__name__)
+
+
+class ExecutionNotFound(NotFound):
+    def __init__(self, execution_id: str) -> None:
+        super().__init__(f"Execution not found: {execution_id}")
+
+
+class DspyService:
+    def __init__(self, settings: Settings, database: Database) -> None:
+        self._settings = settings
+        self.programs = ProgramStore(database)
+        self.executions = ExecutionStore(database)
+        self.models = LanguageModels(settings)
+        self.cache = ProgramCache()
+        self.trusted: dict[str, RunnableProgram] = {}
+
+    async def start(self) -> None:
+        """Operator-trusted programs are imported now (in a worker thread: an import may do I/O)."""
+        for program_id, target in self._settings.dspy_trusted_programs.items():
+            try:
+                self.trusted[program_id] = await anyio.to_thread.run_sync(load_trusted, program_id, target)
+            except Exception:  # one broken module must not keep the service down: logged, left out
+                logger.exception("Trusted DSPy program %s (%s) could not be loaded", program_id, target)
+
+    # --- programs ----------------------------------------------------------------------------------------
+
+    async def register(self, declaration: ProgramDeclaration, key_id: str | None) -> ProgramView:
+        self._check(declaration)
+        return _view(await self.programs.create(declaration, key_id))
+
+    async def update(self, program_id: str, version: str, declaration: ProgramDeclaration) -> ProgramView:
+        if declaration.program_id != program_id or declaration.version != version:
+            raise InvalidRequest("program_id and version in the body must match the path")
+        self._check(declaration)
+        return _view(await self.programs.update(declaration))
+
+    def _check(self, declaration: ProgramDeclaration) -> None:
+        if declaration.program_id in self.trusted:
+            raise InvalidRequest(f"{declaration.program_id} names a trusted program of the operator's configuration")
+        check_declaration(declaration.signature_list, declaration.module, declaration.demos, declaration.instructions)
+
+    async def list_programs(self) -> list[ProgramView]:
+        declared = [_view(row) for row in await self.programs.list()]
+        return declared + [_trusted_view(program) for program in self.trusted.values()]
+
+    async def get_program(self, program_id: str, version: str | None) -> ProgramView:
+        if program_id in self.trusted and version in (None, "trusted"):
+            return _trusted_view(self.trusted[program_id])
+        return _view(await self.programs.get(program_id, version))
+
+    async def delete_program(self, program_id: str, version: str | None) -> Message:
+        deleted = await self.programs.delete(program_id, version)
+        shown = f"version {version} of {program_id}" if version else f"{program_id} ({deleted} versions)"
+        return Message(message=f"Deleted {shown}")
+
+    async def _runnable(self, program_id: str, version: str | None) -> RunnableProgram:
+        if program_id in self.trusted and version in (None, "trusted"):
+            return self.trusted[program_id]
+        return self.cache.get(await self.programs.get(program_id, version))
+
+    # --- executions --------------------------------------------------------------------------------------
+
+    def _timeout(self, asked: float | None) -> float:
+        return min(asked or self._settings.dspy_timeout, self._settings.dspy_max_timeout)
+
+    async def execute(self, request: ExecuteRequest, key: ApiKeyInfo) -> ExecutionResult:
+        """The result; an execution that failed raises its error (502/504) with its id in X-Execution-Id."""
+        program = await self._runnable(request.program_id, request.version)
+        inputs = check_inputs(program, request.inputs)
+        lm = self.models.for_program(program.lm_settings) if request.mode != "dry_run" else None
+        result, outcome, error = await self._run(program, lm, inputs, request.mode, self._timeout(request.timeout), key)
+        await self.executions.record([outcome])
+        if error is not None:
+            error.headers = {**(error.headers or {}), "X-Execution-Id": outcome.execution_id}
+            raise error
+        return result
+
+    async def execute_batch(self, request: BatchExecuteRequest, key: ApiKeyInfo) -> BatchResult:
+        """Items run at once, at most HOKUSAI_DSPY_BATCH_CONCURRENCY at a time; results in the order given."""
+        if len(request.inputs_list) > self._settings.dspy_max_batch_items:
+            raise Unprocessable(f"A batch holds at most {self._settings.dspy_max_batch_items} items")
+        program = await self._runnable(request.program_id, request.version)
+        lm = self.models.for_program(program.lm_settings) if request.mode != "dry_run" else None
+        batch_id = str(uuid.uuid4())
+        timeout = self._timeout(request.timeout)
+        slots = asyncio.Semaphore(self._settings.dspy_batch_concurrency)
+        started = time.perf_counter()
+
+        async def item(inputs: dict[str, Any]) -> tuple[ExecutionResult, ExecutionOutcome]:
+            async with slots:
+                try:
+                    checked = check_inputs(program, inputs)
+                except Unprocessable as exc:
+                    return self._refused(program, inputs, request.mode, key, batch_id, exc)
+                result, outcome, _ = await self._run(program, lm, checked, request.mode, timeout, key, batch_id)
+                return result, outcome
+
+        done = await asyncio.gather(*(item(inputs) for inputs in request.inputs_list))
+        await self.executions.record([outcome for _, outcome in done])
+        results = [result for result, _ in done]
+        successful = sum(1 for result in results if result.success)
+        return BatchResult(
+            batch_id=batch_id,
+            total=len(results),
+            successful=successful,
+            failed=len(results) - successful,
+            execution_time=time.perf_counter() - started,
+            results=results,
+        )
+
+    async def _run(
+        self,
+        program: RunnableProgram,
+        lm: Any,
+        inputs: dict[str, Any],
+        mode: str,
+        timeout: float,
+        key: ApiKeyInfo,
+        batch_id: str | None = None,
+    ) -> tuple[ExecutionResult, ExecutionOutcome, ExecutionFailed | None]:
+        execution_id = str(uuid.uuid4())
+        started_at, started = utcnow(), time.perf_counter()
+        metadata: dict[str, Any] = {"program_version": program.version, "mode": mode}
+        outputs: dict[str, Any] | None = None
+        usage: dict[str, Any] | None = None
+        error: ExecutionFailed | None = None
+        if mode == "dry_run":
+            metadata["prompt"] = render_prompt(program, inputs)
+            outputs = {}
+        else:
+            capture = CapturedCalls() if mode == "debug" else None
+            metadata["language_model"] = lm.model
+            try:
+                outputs, usage = await run_program(program, lm, inputs, timeout, capture)
+                metadata["usage"] = usage
+            except ExecutionFailed as exc:
+                error = exc
+            if capture is not None:
+                metadata["lm_calls"] = capture.calls
+        duration = time.perf_counter() - started
+        if batch_id is not None:
+            metadata["batch_id"] = batch_id
+        result = ExecutionResult(
+            execution_id=execution_id,
+            success=error is None,
+            outputs=outputs,
+            error=error.detail if error else None,
+            execution_time=duration,
+            program_name=program.program_id,
+            metadata=metadata,
+        )
+        outcome = self._outcome(
+            program, execution_id, batch_id, key, mode, inputs, outputs, usage, error, duration, started_at
+        )
+        return result, outcome, error
+
+    def _refused(
+        self, program: RunnableProgram, inputs: dict, mode: str, key: ApiKeyInfo, batch_id: str, exc: HokusaiError
+    ) -> tuple[ExecutionResult, ExecutionOutcome]:
+        execution_id = str(uuid.uuid4())
+        result = ExecutionResult(
+            execution_id=execution_id,
+            success=False,
+            outputs=None,
+            error=exc.detail,
+            execution_time=0.0,
+            program_name=program.program_id,
+            metadata={"program_version": program.version, "mode": mode, "batch_id": batch_id},
+        )
+        failure = ExecutionFailed(exc.detail, "invalid_input")
+        outcome = self._outcome(program, execution_id, batch_id, key, mode, inputs, None, None, failure, 0.0, utcnow())
+        return result, outcome
+
+    def _outcome(
+        self,
+        program: RunnableProgram,
+        execution_id: str,
+        batch_id: str | None,
+        key: ApiKeyInfo,
+        mode: str,
+        inputs: dict[str, Any],
+        outputs: dict[str, Any] | None,
+        usage: dict[str, Any] | None,
+        error: ExecutionFailed | None,
+        duration: float,
+        started_at,
+    ) -> ExecutionOutcome:
+        keep = self._settings.dspy_record_content
+        return ExecutionOutcome(
+            execution_id=execution_id,
+            program_id=program.program_id,
+            program_version=program.version,
+            batch_id=batch_id,
+            key_id=key.id,
+            mode=mode,
+            success=error is None,
+            error=error.detail if error else None,
+            error_type=error.error_type if error else None,
+            duration_ms=duration * 1000,
+            input_bytes=_size(inputs),
+            output_bytes=_size(outputs),
+            inputs=_plain(inputs) if keep else None,
+            outputs=_plain(outputs) if keep else None,
+            usage=usage,
+            started_at=started_at,
+        )
+
+    async def execution(self, execution_id: str, key: ApiKeyInfo) -> ExecutionRecord:
+        """Served to the key that ran it, or to an admin; to anyone else it does not exist."""
+        row = await self.executions.get(execution_id)
+        if row is None or (row.key_id != key.id and Scope.ADMIN not in key.scopes):
+            raise ExecutionNotFound(execution_id)
+        return ExecutionRecord(
+            execution_id=row.id,
+            program_id=row.program_id,
+            program_version=row.program_version,
+            batch_id=row.batch_id,
+            mode=row.mode,
+            success=row.success,
+            error=row.error,
+            error_type=row.error_type,
+            execution_time=row.duration_ms / 1000,
+            input_bytes=row.input_bytes,
+            output_bytes=row.output_bytes,
+            inputs=row.inputs,
+            outputs=row.outputs,
+            usage=row.usage,
+            started_at=iso(row.started_at),
+        )
+
+    async def stats(self) -> StatsResponse:
+        return StatsResponse(
+            statistics=await self.executions.statistics(),
+            cache_enabled=self._settings.dspy_cache,
+            mlflow_tracking=False,
+            language_model=self.models.default_model,
+        )
+
+    async def clear_cache(self) -> Message:
+        """The built programs and DSPy's in-memory response cache."""
+        import dspy
+
+        programs = self.cache.clear()
+        dspy.cache.reset_memory_cache()
+        return Message(message=f"Cache cleared successfully ({programs} built programs, DSPy's response cache)")
+
+    async def health(self) -> DspyHealth:
+        overall = (await self.executions.statistics()).model_dump()
+        configured = self.models.default_model is not None
+        return DspyHealth(
+            status="healthy" if configured else "unconfigured",
+            total_executions=overall["total_executions"],
+            success_rate=overall["success_rate"],
+            language_model=self.models.default_model,
+            detail=None if configured else NO_LANGUAGE_MODEL,
+            programs=len(await self.programs.list()) + len(self.trusted),
+        )
+
+
+def _size(value: Any) -> int:
+    return len(json.dumps(value, default=str)) if value is not None else 0
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str)) if value is not None else None
+
+
+def _signature_view(text: str) -> SignatureView:
+    parsed = parse_signature(text)
+    return SignatureView(
+        signature=parsed.text,
+        input_fields=parsed.input_names,
+        output_fields=parsed.output_names,
+        field_types={item.name: item.type_name for item in (*parsed.inputs, *parsed.outputs)},
+    )
+
+
+def _view(row: DspyProgramRow) -> ProgramView:
+    return ProgramView(
+        program_id=row.program_id,
+        name=row.name,
+        version=row.version,
+        description=row.description,
+        module=row.module,
+        signatures=[_signature_view(text) for text in row.signatures],
+        instructions=row.instructions,
+        demos=row.demos,
+        lm=ProgramLM(**row.lm) if row.lm else None,
+        created_at=iso(row.created_at),
+        updated_at=iso(row.updated_at),
+    )
+
+
+def _trusted_view(program: RunnableProgram) -> ProgramView:
+    signatures = []
+    for predictor in program.module.predictors():
+        signature = predictor.signature
+        signatures.append(
+            SignatureView(
+                signature=signature.signature,
+                input_fields=list(signature.input_fields),
+                output_fields=list(signature.output_fields),
+                field_types={
+                    name: getattr(info.annotation, "__name__", str(info.annotation))
+                    for name, info in signature.fields.items()
+                },
+            )
+        )
+    return ProgramView(
+        program_id=program.program_id,
+        name=program.program_id,
+        version="trusted",
+        description=(type(program.module).__doc__ or "").strip(),
+        module=type(program.module).__name__,
+        signatures=signatures,
+        instructions="",
+        demos=[],
+        source="trusted",
+    )

@@ -1,0 +1,117 @@
+"""A small OpenAI-compatible chat-completions server on loopback, for the DSPy tests and benchmark.
+
+It answers in DSPy's ChatAdapter format: the output fields the prompt asks for (`[[ ## name ## ]]` markers in the
+last user message), each with a value derived from the first input value, so tests can check what came back.
+The model name chooses the behaviour, so one server serves every case at once:
+  - `instant`, anything else: answer at once;
+  - `slow-<ms>`: answer after that many milliseconds;
+  - `error`: HTTP 500; `garbage`: a body that is not JSON; `unformatted`: text without the field markers.
+
+Run alone: python tests/fake_lm.py [port]  (prints the base URL).
+"""
+
+from __future__ import annotations
+
+import http.server
+import json
+import re
+import sys
+import threading
+import time
+
+FIELD = re.compile(r"\[\[ ## (\w+) ## \]\]")
+TYPED_FIELD = re.compile(r"`(\w+)` \(([^)]*)\)")
+SAMPLE_VALUES = {"int": "42", "float": "0.5", "bool": "True"}
+
+
+def answer_for(messages: list[dict]) -> str:
+    system = next((m["content"] for m in messages if m.get("role") == "system"), "")
+    user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
+    if not isinstance(user, str):
+        user = " ".join(part.get("text", "") for part in user)
+    asked, _, _ = user.rpartition("Respond with the corresponding output fields")
+    inputs = dict(re.findall(r"\[\[ ## (\w+) ## \]\]\n(.*?)(?:\n\n|$)", asked, flags=re.S))
+    first_value = next(iter(inputs.values()), "nothing").strip()
+    wanted = [name for name in FIELD.findall(user.rpartition("Respond with the corresponding output fields")[2])]
+    types = dict(TYPED_FIELD.findall(system))
+    parts = []
+    for name in wanted:
+        if name == "completed":
+            continue
+        declared = types.get(name, "str")
+        literal = re.search(r"Literal\[['\"]?([^'\",\]]+)", declared)
+        value = literal.group(1) if literal else SAMPLE_VALUES.get(declared, f"{name} for {first_value}")
+        parts.append(f"[[ ## {name} ## ]]\n{value}")
+    parts.append("[[ ## completed ## ]]")
+    return "\n\n".join(parts)
+
+
+class FakeLanguageModel:
+    def __init__(self, port: int = 0) -> None:
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def do_POST(self) -> None:  # noqa: N802 - the http.server API
+                length = int(self.headers.get("Content-Length") or 0)
+                request = json.loads(self.rfile.read(length) or b"{}")
+                server.requests += 1
+                model = str(request.get("model", "")).rsplit("/", 1)[-1]
+                if model.startswith("slow-"):
+                    time.sleep(int(model.removeprefix("slow-")) / 1000)
+                if model == "error":
+                    return self._send(500, json.dumps({"error": {"message": "the model fell over"}}).encode())
+                if model == "garbage":
+                    return self._send(200, b"<html>this is not json")
+                messages = request.get("messages", [])
+                content = "I would rather not say." if model == "unformatted" else answer_for(messages)
+                prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
+                body = {
+                    "id": f"chatcmpl-{server.requests}",
+                    "object": "chat.completion",
+                    "created": int(time.time()),
+                    "model": request.get("model"),
+                    "choices": [
+                        {"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+                    ],
+                    "usage": {
+                        "prompt_tokens": prompt_tokens,
+                        "completion_tokens": len(content.split()),
+                        "total_tokens": prompt_tokens + len(content.split()),
+                    },
+                }
+                self._send(200, json.dumps(body).encode())
+
+            def _send(self, status: int, payload: bytes) -> None:
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(payload)))
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up (a timeout test)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.requests = 0
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.server.daemon_threads = True
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+if __name__ == "__main__":
+    fake = FakeLanguageModel(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    print(fake.base_url, flush=True)
+    fake.thread.join()
