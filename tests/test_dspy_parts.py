@@ -7,14 +7,17 @@ from datetime import UTC, datetime
 from typing import Literal, Optional
 
 import pytest
+from dspy.clients import base_lm
 
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, run_migrations
-from hokusai.server.dspy.executor import RunnableProgram, check_inputs
+from hokusai.server.dspy.executor import LanguageModels, RunnableProgram, build_declared, check_inputs, run_program
+from hokusai.server.dspy.models import DspyProgramRow
 from hokusai.server.dspy.schemas import ProgramDeclaration
 from hokusai.server.dspy.signatures import parse_signature
 from hokusai.server.dspy.store import ExecutionOutcome, ExecutionStore, ProgramStore
 from hokusai.server.errors import Conflict, InvalidRequest, NotFound, Unprocessable
+from tests.fake_lm import FakeLanguageModel
 
 
 def test_signatures_become_allow_listed_types():
@@ -128,3 +131,31 @@ async def test_statistics_from_records(database):
     assert stats.per_program["a"].p95_execution_time == pytest.approx(1.9)  # nearest rank: 19th of 20
     assert stats.per_program["b"].success_rate == 0 and stats.per_program["b"].p95_execution_time == 0.05
     assert (await store.get("e3")).usage == {"m": {"total_tokens": 3}}
+
+
+@pytest.mark.anyio
+async def test_executions_leave_no_history_behind():
+    """DSPy keeps every call in a global and a per-LM history unless told not to: a server would grow forever."""
+    fake = FakeLanguageModel()
+    try:
+        settings = Settings(dspy_lm="openai/instant", dspy_api_base=fake.base_url, dspy_cache=False)
+        lm = LanguageModels(settings).for_program(None)
+        now = datetime.now(UTC)
+        row = DspyProgramRow(
+            program_id="p",
+            version="1",
+            module="Predict",
+            signatures=["question -> answer"],
+            instructions="",
+            demos=[],
+            lm=None,
+            updated_at=now,
+        )
+        program = build_declared(row)
+        before = len(base_lm.GLOBAL_HISTORY)
+        for _ in range(5):
+            outputs, usage = await run_program(program, lm, {"question": "why?"}, timeout=10, capture=None)
+        assert outputs == {"answer": "answer for why?"} and usage["openai/instant"]["total_tokens"] > 0
+        assert len(base_lm.GLOBAL_HISTORY) == before and lm.history == [] and fake.requests == 5
+    finally:
+        fake.stop()

@@ -29,6 +29,10 @@ from dspy.utils.callback import BaseCallback  # noqa: E402
 from dspy.utils.exceptions import AdapterParseError, DSPyError, LMTimeoutError  # noqa: E402
 
 NO_LANGUAGE_MODEL = "No language model configured for DSPy execution"
+# One LM call per predictor call: no second attempt in JSON when the answer misses DSPy's chat format (a retry that
+# doubles cost and latency on a model that cannot follow the format; the error says what came back instead).
+ANSWER_FORMAT = dspy.ChatAdapter(use_json_adapter_fallback=False)
+RESPONSE_CACHE_ENTRIES = 10_000
 COMPILED_CACHE_SIZE = 256
 
 
@@ -74,6 +78,11 @@ def dspy_signature(parsed: ParsedSignature, instructions: str) -> Any:
     for item in parsed.outputs:
         fields[item.name] = (item.annotation, dspy.OutputField())
     return dspy.Signature(fields, instructions or None)
+
+
+def configure_dspy() -> None:
+    """DSPy's response cache in memory only and bounded (its default also writes up to 30 GB under ~/.dspy_cache)."""
+    dspy.configure_cache(enable_disk_cache=False, enable_memory_cache=True, memory_max_entries=RESPONSE_CACHE_ENTRIES)
 
 
 def build_declared(row: DspyProgramRow) -> RunnableProgram:
@@ -218,7 +227,7 @@ class ProgramCache:
 def render_prompt(program: RunnableProgram, inputs: dict[str, Any]) -> list[dict[str, Any]]:
     """What the first predictor would send the LM, without calling it (dry_run)."""
     predictor = program.module.predictors()[0]
-    return dspy.ChatAdapter().format(predictor.signature, predictor.demos, inputs)
+    return ANSWER_FORMAT.format(predictor.signature, predictor.demos, inputs)
 
 
 async def run_program(
@@ -228,7 +237,11 @@ async def run_program(
     callbacks = [capture] if capture is not None else []
     try:
         with dspy.context(
-            lm=lm, track_usage=True, callbacks=callbacks, adapter=dspy.ChatAdapter(use_json_adapter_fallback=False)
+            lm=lm,
+            track_usage=True,  # per prediction, instead of the history
+            disable_history=True,  # DSPy's history keeps every call: unbounded memory in a server
+            callbacks=callbacks,
+            adapter=ANSWER_FORMAT,
         ):
             async with asyncio.timeout(timeout):
                 prediction = await program.module.acall(**inputs)

@@ -28,6 +28,7 @@ from hokusai.server.dspy.executor import (
     RunnableProgram,
     check_declaration,
     check_inputs,
+    configure_dspy,
     load_trusted,
     render_prompt,
     run_program,
@@ -70,7 +71,8 @@ class DspyService:
         self.trusted: dict[str, RunnableProgram] = {}
 
     async def start(self) -> None:
-        """Operator-trusted programs are imported now (in a worker thread: an import may do I/O)."""
+        """DSPy's cache set up; operator-trusted programs imported (in a worker thread: an import may do I/O)."""
+        configure_dspy()
         for program_id, target in self._settings.dspy_trusted_programs.items():
             try:
                 self.trusted[program_id] = await anyio.to_thread.run_sync(load_trusted, program_id, target)
