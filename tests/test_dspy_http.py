@@ -281,6 +281,7 @@ def test_declarations_are_checked(author):
         ({"signatures": ["a -> b"], "signature": "a -> b"}, 422),
         ({"program_id": "../etc"}, 422),
         ({"program_id": "shouting-summary"}, 400),
+        ({"lm": {"model": "openai/x", "api_base": "http://elsewhere"}}, 422),  # the service's key stays home
     ):
         refused = author.post("/api/v1/dspy/programs", json={**EMAIL, "program_id": "checked", **changes})
         assert refused.status_code == status, (changes, refused.text)

@@ -50,6 +50,9 @@ def test_signatures_become_allow_listed_types():
         ("_private -> y", "not a valid field name"),
         ("x, , y -> z", "empty field"),
         ("x y -> z", "not a valid field name"),
+        ("demos -> y", "reserved by DSPy"),
+        ("question, config -> answer", "reserved by DSPy"),
+        ("x -> instructions", "reserved by DSPy"),
     ],
 )
 def test_signatures_outside_the_allow_list_are_refused_without_importing(signature, words):

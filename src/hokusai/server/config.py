@@ -104,6 +104,11 @@ class Settings(BaseSettings):
     dspy_record_content: bool = Field(
         False, description="Keep execution inputs and outputs in the records (else only their sizes)"
     )
+    dspy_program_cache_ttl: float = Field(
+        2.0,
+        ge=0,
+        description="Seconds a program declaration is reused; how late a change made by another process shows",
+    )
     dspy_trusted_programs: dict[str, str] = Field(
         default_factory=dict, description='Operator-trusted Python programs, JSON: {"program_id": "module:attribute"}'
     )

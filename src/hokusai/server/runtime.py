@@ -104,6 +104,7 @@ class Runtime:
         )
 
     async def stop(self) -> None:
+        await self.dspy.aclose()
         await self.analytics.aclose()
         await self.mlflow.aclose()
         if self.redis is not None:

@@ -159,7 +159,6 @@ class LanguageModels:
     def for_program(self, program_lm: dict | None) -> Any:
         wanted = {
             "model": self._settings.dspy_lm,
-            "api_base": str(self._settings.dspy_api_base) if self._settings.dspy_api_base else None,
             "temperature": self._settings.dspy_temperature,
             "max_tokens": self._settings.dspy_max_tokens,
         }
@@ -170,15 +169,23 @@ class LanguageModels:
         if key not in self._built:
             api_key = self._settings.dspy_api_key.get_secret_value() if self._settings.dspy_api_key else None
             options = {name: value for name, value in wanted.items() if value is not None and name != "model"}
+            if self._settings.dspy_api_base is not None:
+                options["api_base"] = str(self._settings.dspy_api_base)
             self._built[key] = dspy.LM(
                 wanted["model"],
-                api_key=api_key or "unused",  # OpenAI-compatible servers without auth still need a value sent
+                api_key=api_key or "unused",  # DSPy refuses to call without one; servers without auth ignore it
                 num_retries=self._settings.dspy_num_retries,
                 cache=self._settings.dspy_cache,
                 timeout=self._settings.dspy_max_timeout,
                 **options,
             )
         return self._built[key]
+
+    async def aclose(self) -> None:
+        """Each LM holds its own connection pools."""
+        for lm in self._built.values():
+            await lm.aclose()
+        self._built.clear()
 
 
 class CapturedCalls(BaseCallback):
@@ -240,6 +247,7 @@ async def run_program(
             lm=lm,
             track_usage=True,  # per prediction, instead of the history
             disable_history=True,  # DSPy's history keeps every call: unbounded memory in a server
+            max_trace_size=0,  # and so does its trace of every predictor call
             callbacks=callbacks,
             adapter=ANSWER_FORMAT,
         ):

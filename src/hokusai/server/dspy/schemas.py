@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 ModuleKind = Literal["Predict", "ChainOfThought"]
 Mode = Literal["normal", "dry_run", "debug"]
@@ -12,10 +12,12 @@ PROGRAM_ID = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$"
 
 
 class ProgramLM(BaseModel):
-    """A program's own language model, instead of the service's (the service's API base and key apply unless set)."""
+    """A program's own model on the service's LM server. No API base of its own: the service's API key would be
+    sent wherever a program author pointed it."""
 
-    model: str = Field(min_length=1, max_length=200, description="LiteLLM model name, e.g. openai/my-model")
-    api_base: str | None = Field(None, max_length=500)
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=200, description="Model name, e.g. openai/my-model")
     temperature: float | None = Field(None, ge=0, le=2)
     max_tokens: int | None = Field(None, ge=1, le=1_000_000)
 

@@ -49,7 +49,7 @@ from hokusai.server.dspy.schemas import (
     StatsResponse,
 )
 from hokusai.server.dspy.signatures import parse_signature
-from hokusai.server.dspy.store import ExecutionOutcome, ExecutionStore, ProgramStore
+from hokusai.server.dspy.store import ExecutionOutcome, ExecutionStore, ProgramStore, RecordWriter
 from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
 from hokusai.server.timestamps import iso
 
@@ -66,6 +66,8 @@ class DspyService:
         self._settings = settings
         self.programs = ProgramStore(database)
         self.executions = ExecutionStore(database)
+        self.records = RecordWriter(self.executions)
+        self._rows: dict[tuple[str, str | None], tuple[float, DspyProgramRow]] = {}
         self.models = LanguageModels(settings)
         self.cache = ProgramCache()
         self.trusted: dict[str, RunnableProgram] = {}
@@ -83,12 +85,14 @@ class DspyService:
 
     async def register(self, declaration: ProgramDeclaration, key_id: str | None) -> ProgramView:
         self._check(declaration)
+        self._forget(declaration.program_id)
         return _view(await self.programs.create(declaration, key_id))
 
     async def update(self, program_id: str, version: str, declaration: ProgramDeclaration) -> ProgramView:
         if declaration.program_id != program_id or declaration.version != version:
             raise InvalidRequest("program_id and version in the body must match the path")
         self._check(declaration)
+        self._forget(program_id)
         return _view(await self.programs.update(declaration))
 
     def _check(self, declaration: ProgramDeclaration) -> None:
@@ -106,6 +110,7 @@ class DspyService:
         return _view(await self.programs.get(program_id, version))
 
     async def delete_program(self, program_id: str, version: str | None) -> Message:
+        self._forget(program_id)
         deleted = await self.programs.delete(program_id, version)
         shown = f"version {version} of {program_id}" if version else f"{program_id} ({deleted} versions)"
         return Message(message=f"Deleted {shown}")
@@ -113,7 +118,24 @@ class DspyService:
     async def _runnable(self, program_id: str, version: str | None) -> RunnableProgram:
         if program_id in self.trusted and version in (None, "trusted"):
             return self.trusted[program_id]
-        return self.cache.get(await self.programs.get(program_id, version))
+        return self.cache.get(await self._row(program_id, version))
+
+    async def _row(self, program_id: str, version: str | None) -> DspyProgramRow:
+        """The declaration to run, kept HOKUSAI_DSPY_PROGRAM_CACHE_TTL seconds (a lookup costs ~0.8 ms on SQLite).
+
+        Changes made through this process show at once; those made through another process within the TTL.
+        """
+        now = time.monotonic()
+        cached = self._rows.get((program_id, version))
+        if cached is not None and now - cached[0] < self._settings.dspy_program_cache_ttl:
+            return cached[1]
+        row = await self.programs.get(program_id, version)
+        self._rows[(program_id, version)] = (now, row)
+        return row
+
+    def _forget(self, program_id: str) -> None:
+        for key in [key for key in self._rows if key[0] == program_id]:
+            del self._rows[key]
 
     # --- executions --------------------------------------------------------------------------------------
 
@@ -126,7 +148,7 @@ class DspyService:
         inputs = check_inputs(program, request.inputs)
         lm = self.models.for_program(program.lm_settings) if request.mode != "dry_run" else None
         result, outcome, error = await self._run(program, lm, inputs, request.mode, self._timeout(request.timeout), key)
-        await self.executions.record([outcome])
+        self.records.add([outcome])
         if error is not None:
             error.headers = {**(error.headers or {}), "X-Execution-Id": outcome.execution_id}
             raise error
@@ -153,7 +175,7 @@ class DspyService:
                 return result, outcome
 
         done = await asyncio.gather(*(item(inputs) for inputs in request.inputs_list))
-        await self.executions.record([outcome for _, outcome in done])
+        self.records.add([outcome for _, outcome in done])
         results = [result for result, _ in done]
         successful = sum(1 for result in results if result.success)
         return BatchResult(
@@ -264,6 +286,7 @@ class DspyService:
 
     async def execution(self, execution_id: str, key: ApiKeyInfo) -> ExecutionRecord:
         """Served to the key that ran it, or to an admin; to anyone else it does not exist."""
+        await self.records.flush()
         row = await self.executions.get(execution_id)
         if row is None or (row.key_id != key.id and Scope.ADMIN not in key.scopes):
             raise ExecutionNotFound(execution_id)
@@ -286,6 +309,7 @@ class DspyService:
         )
 
     async def stats(self) -> StatsResponse:
+        await self.records.flush()
         return StatsResponse(
             statistics=await self.executions.statistics(),
             cache_enabled=self._settings.dspy_cache,
@@ -301,7 +325,12 @@ class DspyService:
         dspy.cache.reset_memory_cache()
         return Message(message=f"Cache cleared successfully ({programs} built programs, DSPy's response cache)")
 
+    async def aclose(self) -> None:
+        await self.records.aclose()
+        await self.models.aclose()
+
     async def health(self) -> DspyHealth:
+        await self.records.flush()
         overall = (await self.executions.statistics()).model_dump()
         configured = self.models.default_model is not None
         return DspyHealth(

@@ -17,6 +17,23 @@ from hokusai.server.errors import InvalidRequest
 
 SIMPLE_TYPES: dict[str, type] = {"str": str, "int": int, "float": float, "bool": bool, "dict": dict, "list": list}
 MAX_FIELDS = 50
+# Names DSPy cannot take as fields: attributes of Signature (refused by DSPy) or keyword arguments Predict takes for
+# itself (`demos` would silently become the demos, `config` and `lm` fail at call time).
+RESERVED_FIELD_NAMES = frozenset(
+    {
+        "signature",
+        "instructions",
+        "fields",
+        "input_fields",
+        "output_fields",
+        "model_config",
+        "config",
+        "lm",
+        "demos",
+        "prediction",
+        "new_signature",
+    }
+)
 MAX_TYPE_DEPTH = 5
 
 
@@ -70,6 +87,8 @@ def _fields(signature: str, side: str) -> list[SignatureField]:
         name = name.strip()
         if not name.isidentifier() or keyword.iskeyword(name) or name.startswith("_"):
             raise InvalidSignature(signature, f"{name!r} is not a valid field name")
+        if name in RESERVED_FIELD_NAMES:
+            raise InvalidSignature(signature, f"{name!r} is reserved by DSPy and cannot name a field")
         if not colon:
             fields.append(SignatureField(name, str, "str"))
             continue

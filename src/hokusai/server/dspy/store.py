@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -12,6 +14,8 @@ from hokusai.server.db import Database, utcnow
 from hokusai.server.dspy.models import DspyExecutionRow, DspyProgramRow
 from hokusai.server.dspy.schemas import ProgramDeclaration, ProgramStatistics, Statistics
 from hokusai.server.errors import Conflict, NotFound
+
+logger = logging.getLogger(__name__)
 
 
 class ProgramNotFound(NotFound):
@@ -121,6 +125,44 @@ class ExecutionOutcome:
     outputs: dict | None
     usage: dict | None
     started_at: datetime
+
+
+class RecordWriter:
+    """Execution records written a moment after the answer, many per transaction (~1 ms less per execution).
+
+    Readers in this process (GET execution, stats) flush first, so they always see their own executions; another
+    process sees them within `interval` seconds. A crash loses at most that moment's records.
+    """
+
+    def __init__(self, store: ExecutionStore, interval: float = 0.05) -> None:
+        self._store = store
+        self._interval = interval
+        self._pending: list[ExecutionOutcome] = []
+        self._lock = asyncio.Lock()
+        self._scheduled: asyncio.Task | None = None
+
+    def add(self, outcomes: list[ExecutionOutcome]) -> None:
+        self._pending.extend(outcomes)
+        if self._scheduled is None or self._scheduled.done():
+            self._scheduled = asyncio.create_task(self._flush_soon())
+
+    async def _flush_soon(self) -> None:
+        await asyncio.sleep(self._interval)
+        try:
+            await self.flush()
+        except Exception:  # the database is away: the records of this moment are lost, the service goes on
+            logger.exception("DSPy execution records could not be written")
+
+    async def flush(self) -> None:
+        async with self._lock:
+            taken, self._pending = self._pending, []
+            if taken:
+                await self._store.record(taken)
+
+    async def aclose(self) -> None:
+        if self._scheduled is not None:
+            self._scheduled.cancel()
+        await self.flush()
 
 
 class ExecutionStore:
