@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 
 import pytest
 
 from tests.fake_lm import FakeLanguageModel
+from tests.support import through_the_gateway
 
 EMAIL = {
     "program_id": "email-assistant-v1",
@@ -287,7 +290,69 @@ def test_declarations_are_checked(author):
         assert refused.status_code == status, (changes, refused.text)
 
 
-def test_stats_survive_a_restart_and_cache_clear(start_service, dspy_service, dspy_keys, user):
+LOG_PICKLED_PROGRAM = """
+import os, sys
+os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+import dspy, mlflow
+mlflow.set_experiment("pickled-dspy")
+with mlflow.start_run():
+    mlflow.dspy.log_model(dspy.ChainOfThought("question -> answer"), name="qa", registered_model_name=sys.argv[1])
+"""
+
+
+def test_pickled_programs_only_when_the_operator_allows_them(start_service, mlflow_server, fake_lm, author):
+    refused = author.post(
+        "/api/v1/dspy/programs", json={"program_id": "pickled", "name": "P", "source": "models:/pickled-qa/1"}
+    )
+    assert refused.status_code == 400 and refused.json()["detail"].startswith("Pickled DSPy programs are refused")
+    allowing = start_service(
+        mlflow_url=mlflow_server.url,
+        dspy_lm="openai/instant",
+        dspy_api_base=fake_lm.base_url,
+        dspy_num_retries="0",
+        dspy_allow_pickled="true",
+    )
+    logged = subprocess.run(
+        [sys.executable, "-c", LOG_PICKLED_PROGRAM, "pickled-qa"],
+        env=through_the_gateway(allowing, allowing.admin_key),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert logged.returncode == 0, logged.stderr[-3000:]
+    with allowing.client(allowing.admin_key) as client:
+        declared = client.post(
+            "/api/v1/dspy/programs", json={"program_id": "pickled", "name": "P", "source": "models:/pickled-qa/1"}
+        )
+        assert declared.status_code == 201, declared.text
+        assert declared.json()["source"] == "pickled" and declared.json()["module"] == "pickled"
+        assert declared.json()["signatures"][0]["output_fields"] == ["reasoning", "answer"]
+        answer = client.post("/api/v1/dspy/execute", json={"program_id": "pickled", "inputs": {"question": "why"}})
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["outputs"] == {"reasoning": "reasoning for why", "answer": "answer for why"}
+        missing = client.post(
+            "/api/v1/dspy/programs", json={"program_id": "pickled-2", "name": "P", "source": "models:/nothing/1"}
+        )
+        assert missing.status_code == 404
+
+
+def test_without_a_language_model(service, keys, reader, writer):
+    health = reader.get("/api/v1/dspy/health")
+    assert health.status_code == 200
+    assert health.json()["status"] == "unconfigured"
+    assert health.json()["detail"] == "No language model configured for DSPy execution"
+    assert writer.post("/api/v1/dspy/programs", json={**EMAIL, "program_id": "no-lm"}).status_code == 201
+    refused = reader.post("/api/v1/dspy/execute", json={"program_id": "no-lm", "inputs": INPUTS})
+    assert refused.status_code == 503 and refused.json() == {
+        "detail": "No language model configured for DSPy execution"
+    }
+    dry = reader.post("/api/v1/dspy/execute", json={"program_id": "no-lm", "inputs": INPUTS, "mode": "dry_run"})
+    assert dry.status_code == 200  # rendering a prompt needs no model
+
+
+def test_stats_survive_a_restart_and_cache_clear(  # last: it stops the module's service
+    start_service, dspy_service, dspy_keys, user
+):
     stats = user.get("/api/v1/dspy/stats").json()
     overall = stats["statistics"]
     assert overall["total_executions"] >= 10 and 0 < overall["success_rate"] < 1
@@ -311,17 +376,3 @@ def test_stats_survive_a_restart_and_cache_clear(start_service, dspy_service, ds
     again = start_service(**same_settings, bootstrap=False)  # same database, new process
     with again.client(dspy_keys["read"]) as client:
         assert client.get("/api/v1/dspy/stats").json()["statistics"] == overall
-
-
-def test_without_a_language_model(service, keys, reader, writer):
-    health = reader.get("/api/v1/dspy/health")
-    assert health.status_code == 200
-    assert health.json()["status"] == "unconfigured"
-    assert health.json()["detail"] == "No language model configured for DSPy execution"
-    assert writer.post("/api/v1/dspy/programs", json={**EMAIL, "program_id": "no-lm"}).status_code == 201
-    refused = reader.post("/api/v1/dspy/execute", json={"program_id": "no-lm", "inputs": INPUTS})
-    assert refused.status_code == 503 and refused.json() == {
-        "detail": "No language model configured for DSPy execution"
-    }
-    dry = reader.post("/api/v1/dspy/execute", json={"program_id": "no-lm", "inputs": INPUTS, "mode": "dry_run"})
-    assert dry.status_code == 200  # rendering a prompt needs no model

@@ -90,11 +90,12 @@ async def database(request, tmp_path):
 async def test_program_versions(database):
     store = ProgramStore(database)
     for version in ("1.2.0", "1.10.0", "1.9.3"):
-        await store.create(ProgramDeclaration(program_id="p", name="P", version=version, signature="a -> b"), "key_x")
+        declaration = ProgramDeclaration(program_id="p", name="P", version=version, signature="a -> b")
+        await store.create(declaration, "key_x", declaration.signature_list)
     assert (await store.get("p")).version == "1.10.0"
     assert (await store.get("p", "1.2.0")).signatures == ["a -> b"]
     with pytest.raises(Conflict):
-        await store.create(ProgramDeclaration(program_id="p", name="P", version="1.2.0", signature="a -> b"), None)
+        await store.create(ProgramDeclaration(program_id="p", name="P", version="1.2.0", signature="a -> b"), None, [])
     assert await store.delete("p", "1.10.0") == 1 and (await store.get("p")).version == "1.9.3"
     assert await store.delete("p", None) == 2
     with pytest.raises(NotFound):

@@ -86,7 +86,7 @@ class Runtime:
             RegistryReadCache(settings.registry_cache_ttl, redis),
             on_registered=analytics.impact.record_version,
         )
-        dspy = DspyService(settings, database)
+        dspy = DspyService(settings, database, analytics.predictions.loader)
         await dspy.start()
         return cls(
             settings=settings,

@@ -214,16 +214,25 @@ class ProgramCache:
         self._size = size
         self._programs: OrderedDict[tuple[str, str, str], RunnableProgram] = OrderedDict()
 
-    def get(self, row: DspyProgramRow) -> RunnableProgram:
-        key = (row.program_id, row.version, row.updated_at.isoformat())
-        program = self._programs.get(key)
-        if program is None:
-            program = build_declared(row)
-            self._programs[key] = program
-            while len(self._programs) > self._size:
-                self._programs.popitem(last=False)
-        self._programs.move_to_end(key)
+    @staticmethod
+    def _key(row: DspyProgramRow) -> tuple[str, str, str]:
+        return (row.program_id, row.version, row.updated_at.isoformat())
+
+    def peek(self, row: DspyProgramRow) -> RunnableProgram | None:
+        program = self._programs.get(self._key(row))
+        if program is not None:
+            self._programs.move_to_end(self._key(row))
         return program
+
+    def put(self, row: DspyProgramRow, program: RunnableProgram) -> RunnableProgram:
+        self._programs[self._key(row)] = program
+        while len(self._programs) > self._size:
+            self._programs.popitem(last=False)
+        return program
+
+    def get(self, row: DspyProgramRow) -> RunnableProgram:
+        """A declared program, built on first use."""
+        return self.peek(row) or self.put(row, build_declared(row))
 
     def clear(self) -> int:
         count = len(self._programs)

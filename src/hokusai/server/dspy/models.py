@@ -22,6 +22,7 @@ class DspyProgramRow(Base):
     instructions: Mapped[str] = mapped_column(Text)
     demos: Mapped[list] = mapped_column(JSON)
     lm: Mapped[dict | None] = mapped_column(JSON, nullable=True)  # the program's own LM settings, if any
+    source: Mapped[str | None] = mapped_column(String(1000), nullable=True)  # models:/... of a pickled program
     created_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     updated_at: Mapped[datetime] = mapped_column(UtcDateTime)

@@ -35,11 +35,17 @@ class ProgramDeclaration(BaseModel):
     instructions: str = Field("", max_length=20_000)
     demos: list[dict[str, Any]] = Field(default_factory=list, max_length=100)
     lm: ProgramLM | None = None
+    source: str | None = Field(
+        None,
+        pattern=r"^models:/[^/]+/[1-9][0-9]*$",
+        description="models:/<name>/<version> of an mlflow.dspy model (a pickle: refused unless allowed)",
+    )
 
     @model_validator(mode="after")
-    def _one_way_to_give_signatures(self) -> ProgramDeclaration:
-        if (self.signature is None) == (self.signatures is None):
-            raise ValueError("give either `signature` or `signatures`")
+    def _one_way_to_give_the_program(self) -> ProgramDeclaration:
+        given = [self.signature is not None, self.signatures is not None, self.source is not None]
+        if sum(given) != 1:
+            raise ValueError("give exactly one of `signature`, `signatures` or `source`")
         return self
 
     @property
@@ -64,7 +70,8 @@ class ProgramView(BaseModel):
     instructions: str
     demos: list[dict[str, Any]]
     lm: ProgramLM | None = None
-    source: Literal["declared", "trusted"] = "declared"
+    source: Literal["declared", "trusted", "pickled"] = "declared"
+    model_uri: str | None = None
     created_at: str | None = None
     updated_at: str | None = None
 

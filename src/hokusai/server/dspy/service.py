@@ -34,6 +34,7 @@ from hokusai.server.dspy.executor import (
     run_program,
 )
 from hokusai.server.dspy.models import DspyProgramRow
+from hokusai.server.dspy.pickled import PickledProgramsRefused, load_pickled
 from hokusai.server.dspy.schemas import (
     BatchExecuteRequest,
     BatchResult,
@@ -51,6 +52,7 @@ from hokusai.server.dspy.schemas import (
 from hokusai.server.dspy.signatures import parse_signature
 from hokusai.server.dspy.store import ExecutionOutcome, ExecutionStore, ProgramStore, RecordWriter
 from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
+from hokusai.server.registry.predictions import ModelLoader
 from hokusai.server.timestamps import iso
 
 logger = logging.getLogger(__name__)
@@ -62,8 +64,10 @@ class ExecutionNotFound(NotFound):
 
 
 class DspyService:
-    def __init__(self, settings: Settings, database: Database) -> None:
+    def __init__(self, settings: Settings, database: Database, model_files: ModelLoader) -> None:
+        """`model_files` fetches MLflow model versions (pickled programs, when they are allowed)."""
         self._settings = settings
+        self._model_files = model_files
         self.programs = ProgramStore(database)
         self.executions = ExecutionStore(database)
         self.records = RecordWriter(self.executions)
@@ -84,21 +88,33 @@ class DspyService:
     # --- programs ----------------------------------------------------------------------------------------
 
     async def register(self, declaration: ProgramDeclaration, key_id: str | None) -> ProgramView:
-        self._check(declaration)
+        signatures = await self._check(declaration)
         self._forget(declaration.program_id)
-        return _view(await self.programs.create(declaration, key_id))
+        return _view(await self.programs.create(declaration, key_id, signatures))
 
     async def update(self, program_id: str, version: str, declaration: ProgramDeclaration) -> ProgramView:
         if declaration.program_id != program_id or declaration.version != version:
             raise InvalidRequest("program_id and version in the body must match the path")
-        self._check(declaration)
+        signatures = await self._check(declaration)
         self._forget(program_id)
-        return _view(await self.programs.update(declaration))
+        return _view(await self.programs.update(declaration, signatures))
 
-    def _check(self, declaration: ProgramDeclaration) -> None:
+    async def _check(self, declaration: ProgramDeclaration) -> list[str]:
+        """The signatures to store, once the declaration is known to build (a pickle: once it loads)."""
         if declaration.program_id in self.trusted:
             raise InvalidRequest(f"{declaration.program_id} names a trusted program of the operator's configuration")
+        if declaration.source is not None:
+            program = await self._unpickle(declaration.source)
+            return [predictor.signature.signature for predictor in program.predictors()]
         check_declaration(declaration.signature_list, declaration.module, declaration.demos, declaration.instructions)
+        return declaration.signature_list
+
+    async def _unpickle(self, source: str) -> Any:
+        if not self._settings.dspy_allow_pickled:
+            raise PickledProgramsRefused()
+        name, _, version = source.removeprefix("models:/").rpartition("/")
+        directory = await self._model_files.local_copy(name, version)
+        return await anyio.to_thread.run_sync(load_pickled, directory)
 
     async def list_programs(self) -> list[ProgramView]:
         declared = [_view(row) for row in await self.programs.list()]
@@ -118,7 +134,13 @@ class DspyService:
     async def _runnable(self, program_id: str, version: str | None) -> RunnableProgram:
         if program_id in self.trusted and version in (None, "trusted"):
             return self.trusted[program_id]
-        return self.cache.get(await self._row(program_id, version))
+        row = await self._row(program_id, version)
+        if row.source is None:
+            return self.cache.get(row)
+        if (program := self.cache.peek(row)) is not None:
+            return program
+        module = await self._unpickle(row.source)  # refused here too if the setting was turned off since
+        return self.cache.put(row, RunnableProgram(row.program_id, row.version, module, None, row.lm))
 
     async def _row(self, program_id: str, version: str | None) -> DspyProgramRow:
         """The declaration to run, kept HOKUSAI_DSPY_PROGRAM_CACHE_TTL seconds (a lookup costs ~0.8 ms on SQLite).
@@ -352,7 +374,16 @@ def _plain(value: Any) -> Any:
 
 
 def _signature_view(text: str) -> SignatureView:
-    parsed = parse_signature(text)
+    try:
+        parsed = parse_signature(text)
+    except InvalidRequest:  # a pickled program's own signature may use types a declaration may not
+        inputs, _, outputs = text.partition("->")
+        return SignatureView(
+            signature=text,
+            input_fields=[part.split(":")[0].strip() for part in inputs.split(",") if part.strip()],
+            output_fields=[part.split(":")[0].strip() for part in outputs.split(",") if part.strip()],
+            field_types={},
+        )
     return SignatureView(
         signature=parsed.text,
         input_fields=parsed.input_names,
@@ -372,6 +403,8 @@ def _view(row: DspyProgramRow) -> ProgramView:
         instructions=row.instructions,
         demos=row.demos,
         lm=ProgramLM(**row.lm) if row.lm else None,
+        source="pickled" if row.source else "declared",
+        model_uri=row.source,
         created_at=iso(row.created_at),
         updated_at=iso(row.updated_at),
     )

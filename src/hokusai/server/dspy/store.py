@@ -35,15 +35,18 @@ class ProgramStore:
     def __init__(self, database: Database) -> None:
         self._database = database
 
-    async def create(self, declaration: ProgramDeclaration, key_id: str | None) -> DspyProgramRow:
+    async def create(
+        self, declaration: ProgramDeclaration, key_id: str | None, signatures: list[str]
+    ) -> DspyProgramRow:
         now = utcnow()
         row = DspyProgramRow(
             program_id=declaration.program_id,
             version=declaration.version,
             name=declaration.name,
             description=declaration.description,
-            module=declaration.module,
-            signatures=declaration.signature_list,
+            module="pickled" if declaration.source else declaration.module,
+            source=declaration.source,
+            signatures=signatures,
             instructions=declaration.instructions,
             demos=declaration.demos,
             lm=declaration.lm.model_dump() if declaration.lm else None,
@@ -61,15 +64,16 @@ class ProgramStore:
             ) from None
         return row
 
-    async def update(self, declaration: ProgramDeclaration) -> DspyProgramRow:
+    async def update(self, declaration: ProgramDeclaration, signatures: list[str]) -> DspyProgramRow:
         async with self._database.session() as session, session.begin():
             row = await session.get(DspyProgramRow, (declaration.program_id, declaration.version))
             if row is None:
                 raise ProgramNotFound(declaration.program_id, declaration.version)
             row.name = declaration.name
             row.description = declaration.description
-            row.module = declaration.module
-            row.signatures = declaration.signature_list
+            row.module = "pickled" if declaration.source else declaration.module
+            row.source = declaration.source
+            row.signatures = signatures
             row.instructions = declaration.instructions
             row.demos = declaration.demos
             row.lm = declaration.lm.model_dump() if declaration.lm else None

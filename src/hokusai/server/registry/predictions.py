@@ -78,6 +78,16 @@ class ModelLoader:
         return loaded
 
     async def _load(self, name: str, version: str) -> LoadedModel:
+        directory = await self.local_copy(name, version)
+        try:
+            pyfunc = await anyio.to_thread.run_sync(_load_pyfunc, directory)
+        except Exception as exc:  # whatever the flavor raises: the model cannot serve, the service can
+            raise ModelUnusable(f"Model {name}:{version} could not be loaded: {_first_line(exc)}") from exc
+        return LoadedModel(name, version, pyfunc)
+
+    async def local_copy(self, name: str, version: str) -> Path:
+        """The version's files on local disk, fetched through the upstream client the first time."""
+        version = version_number(name, version)
         located = await self._api(
             "GET",
             "/model-versions/get-download-uri",
@@ -89,11 +99,7 @@ class ModelLoader:
         directory = self._cache_dir / hashlib.sha256(f"{name}\0{version}\0{root}".encode()).hexdigest()[:32]
         if not await anyio.Path(directory).exists():
             await self._fetch(root, directory)
-        try:
-            pyfunc = await anyio.to_thread.run_sync(_load_pyfunc, directory)
-        except Exception as exc:  # whatever the flavor raises: the model cannot serve, the service can
-            raise ModelUnusable(f"Model {name}:{version} could not be loaded: {_first_line(exc)}") from exc
-        return LoadedModel(name, version, pyfunc)
+        return directory
 
     async def _fetch(self, root: str, directory: Path) -> None:
         """Into a staging directory, renamed into place when complete: a half-fetched model is never loaded, and two

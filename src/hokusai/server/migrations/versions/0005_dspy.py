@@ -26,6 +26,7 @@ def upgrade() -> None:
         sa.Column("instructions", sa.Text(), nullable=False),
         sa.Column("demos", sa.JSON(), nullable=False),
         sa.Column("lm", sa.JSON(), nullable=True),
+        sa.Column("source", sa.String(1000), nullable=True),
         sa.Column("created_by", sa.String(32), nullable=True),
         sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
