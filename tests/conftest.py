@@ -9,12 +9,14 @@ from __future__ import annotations
 import os
 import secrets
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import psycopg
 import pytest
 import redis
 
+from hokusai.server.config import Settings
+from hokusai.server.db import Database, run_migrations
 from hokusai.server.mlflow.embedded import embedded_mlflow_command, free_loopback_port
 from tests.support import (
     MlflowServer,
@@ -86,6 +88,18 @@ def postgres_url(postgres_server: list[str]) -> str:
     postgres_server.append(name)
     base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
     return f"{base}/{name}"
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def database(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Database]:
+    """A migrated service database, once on SQLite and once on the machine's PostgreSQL."""
+    settings = Settings(home=tmp_path)
+    if request.param == "postgresql":
+        settings = Settings(home=tmp_path, database_url=request.getfixturevalue("postgres_url"))
+    run_migrations(settings.database_dsn)
+    migrated = Database(settings.async_database_dsn)
+    yield migrated
+    await migrated.dispose()
 
 
 @pytest.fixture(scope="session")

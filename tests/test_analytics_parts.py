@@ -146,17 +146,6 @@ def test_small_helpers():
     assert jsonable_predictions(np.array([[1, 2]])) == [[1, 2]]
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-async def database(request, tmp_path):
-    settings = Settings(home=tmp_path)
-    if request.param == "postgresql":
-        settings = Settings(home=tmp_path, database_url=request.getfixturevalue("postgres_url"))
-    run_migrations(settings.database_dsn)
-    database = Database(settings.async_database_dsn)
-    yield database
-    await database.dispose()
-
-
 @pytest.mark.anyio
 async def test_analytics_tables_and_indexes(database):
     async with database.engine.connect() as connection:

@@ -10,7 +10,6 @@ import pytest
 from dspy.clients import base_lm
 
 from hokusai.server.config import Settings
-from hokusai.server.db import Database, run_migrations
 from hokusai.server.dspy.executor import LanguageModels, RunnableProgram, build_declared, check_inputs, run_program
 from hokusai.server.dspy.models import DspyProgramRow
 from hokusai.server.dspy.schemas import ProgramDeclaration
@@ -73,17 +72,6 @@ def test_inputs_are_checked_against_the_signature():
     ):
         with pytest.raises(Unprocessable, match=words):
             check_inputs(program, inputs)
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
-async def database(request, tmp_path):
-    settings = Settings(home=tmp_path)
-    if request.param == "postgresql":
-        settings = Settings(home=tmp_path, database_url=request.getfixturevalue("postgres_url"))
-    run_migrations(settings.database_dsn)
-    database = Database(settings.async_database_dsn)
-    yield database
-    await database.dispose()
 
 
 @pytest.mark.anyio
