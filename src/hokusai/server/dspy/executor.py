@@ -8,6 +8,7 @@ set first, because LiteLLM otherwise fetches a price list from the internet at i
 from __future__ import annotations
 
 import asyncio
+import functools
 import importlib
 import json
 import os
@@ -138,11 +139,17 @@ def check_inputs(program: RunnableProgram, inputs: dict[str, Any]) -> dict[str, 
     checked = {}
     for item in expected:
         try:
-            checked[item.name] = TypeAdapter(item.annotation).validate_python(inputs[item.name])
+            checked[item.name] = _adapter(item.annotation).validate_python(inputs[item.name])
         except ValidationError as exc:
             first = exc.errors()[0]["msg"]
             raise Unprocessable(f"Input field {item.name!r} must be {item.type_name}: {first}") from None
     return checked
+
+
+@functools.cache
+def _adapter(annotation: Any) -> TypeAdapter:
+    """Building a TypeAdapter costs far more than using one; the allow-listed types are few and hashable."""
+    return TypeAdapter(annotation)
 
 
 class LanguageModels:
