@@ -1,6 +1,12 @@
 """Hokusai Registry.
 
-`import hokusai` must stay light: it is the SDK's face and imports nothing server-side.
+`import hokusai` is the SDK's face and must stay light: it imports httpx and the SDK, nothing server-side (no
+MLflow, FastAPI, SQLAlchemy or DSPy).
+
+    from hokusai import setup, ModelRegistry
+    setup(api_key="hk_live_...")
+    registry = ModelRegistry("http://127.0.0.1:8001/api/mlflow")
+    models = registry.list_models()
 """
 
 from importlib.metadata import PackageNotFoundError, version
@@ -10,4 +16,39 @@ try:
 except PackageNotFoundError:  # running from a source tree that was never installed
     __version__ = "0.0.0"
 
-__all__ = ["__version__"]
+from hokusai.sdk.config import setup  # noqa: E402
+from hokusai.sdk.dspy import AsyncDSPyClient, DSPyClient  # noqa: E402
+from hokusai.sdk.errors import (  # noqa: E402
+    AuthenticationError,
+    BadRequest,
+    Conflict,
+    ConnectionFailed,
+    HokusaiError,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    ServerError,
+    UpstreamError,
+    ValidationError,
+)
+from hokusai.sdk.registry import AsyncModelRegistry, ModelRegistry  # noqa: E402
+
+__all__ = [
+    "AsyncDSPyClient",
+    "AsyncModelRegistry",
+    "AuthenticationError",
+    "BadRequest",
+    "Conflict",
+    "ConnectionFailed",
+    "DSPyClient",
+    "HokusaiError",
+    "ModelRegistry",
+    "NotFound",
+    "PermissionDenied",
+    "RateLimited",
+    "ServerError",
+    "UpstreamError",
+    "ValidationError",
+    "__version__",
+    "setup",
+]

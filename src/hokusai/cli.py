@@ -1,4 +1,4 @@
-"""The `hokusai` command: serve the API and manage its database and keys.
+"""The `hokusai` command: serve the API and manage its database and keys; talk to a running service (client_cli).
 
 Server modules are imported inside the commands, so the CLI starts (and `--help` works) with the client
 dependencies alone.
@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
+from hokusai.client_cli import add_client_commands
+
 if TYPE_CHECKING:
     from hokusai.server.config import Settings
 
@@ -32,6 +34,7 @@ contributions_app = typer.Typer(help="Data contributions recorded for contributo
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(contributions_app, name="contributions")
+add_client_commands(app)
 
 
 def _settings(**overrides: Any) -> Settings:

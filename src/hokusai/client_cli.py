@@ -1,0 +1,306 @@
+"""The client commands of `hokusai`: login, models, dspy, health. They talk to a running service through the SDK
+(httpx only), so they work where only the client is installed.
+
+Exit codes say what failed: 0 ok, 1 other error, 2 usage, 3 authentication or permission, 4 not found,
+5 refused input (400/409/422), 6 rate limited, 7 the service or what is behind it failed (5xx), 8 unreachable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import typer
+
+from hokusai.sdk import config
+from hokusai.sdk.errors import (
+    AuthenticationError,
+    BadRequest,
+    Conflict,
+    ConnectionFailed,
+    HokusaiError,
+    NotFound,
+    PermissionDenied,
+    RateLimited,
+    ServerError,
+    UpstreamError,
+    ValidationError,
+)
+
+EXIT_CODES: list[tuple[type[HokusaiError], int]] = [
+    (AuthenticationError, 3),
+    (PermissionDenied, 3),
+    (NotFound, 4),
+    (BadRequest, 5),
+    (Conflict, 5),
+    (ValidationError, 5),
+    (RateLimited, 6),
+    (UpstreamError, 7),
+    (ServerError, 7),
+    (ConnectionFailed, 8),
+]
+
+models_app = typer.Typer(help="Model versions on a running service.", no_args_is_help=True)
+dspy_app = typer.Typer(help="DSPy programs on a running service.", no_args_is_help=True)
+
+UrlOption = typer.Option(None, "--url", help="Service URL [HOKUSAI_URL, ~/.hokusai/config, http://127.0.0.1:8001]")
+KeyOption = typer.Option(None, "--api-key", help="API key [HOKUSAI_API_KEY, ~/.hokusai/config]")
+JsonOption = typer.Option(False, "--json", help="Print JSON for scripts")
+
+
+@contextmanager
+def failures_as_exit_codes() -> Iterator[None]:
+    try:
+        yield
+    except HokusaiError as exc:
+        typer.echo(f"error: {exc.detail}" + (f" (request {exc.request_id})" if exc.request_id else ""), err=True)
+        code = next((code for kind, code in EXIT_CODES if isinstance(exc, kind)), 1)
+        raise typer.Exit(code) from None
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return dataclasses.asdict(value)
+    if isinstance(value, list):
+        return [_plain(item) for item in value]
+    return value
+
+
+def show(value: Any, as_json: bool, table: Callable[[Any], Any] | None = None) -> None:
+    if as_json or table is None:
+        typer.echo(json.dumps(_plain(value), indent=None if as_json else 2, default=str))
+        return
+    from rich.console import Console
+
+    Console().print(table(value))
+
+
+def _table(title: str, columns: list[str], rows: list[list[Any]]) -> Any:
+    from rich.table import Table
+
+    rendered = Table(title=title)
+    for column in columns:
+        rendered.add_column(column)
+    for row in rows:
+        rendered.add_row(*["" if cell is None else str(cell) for cell in row])
+    return rendered
+
+
+def _registry(url: str | None, api_key: str | None) -> Any:
+    from hokusai.sdk.registry import ModelRegistry
+
+    return ModelRegistry(url, api_key)
+
+
+def login(
+    url: str = typer.Option(config.DEFAULT_URL, "--url", prompt="Service URL", help="The service's URL"),
+    api_key: str = typer.Option(..., "--api-key", prompt="API key", hide_input=True, help="Your hk_live_/hk_test_ key"),
+) -> None:
+    """Check the key against the service, then keep URL and key in ~/.hokusai/config (mode 0600)."""
+    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+        registry.list_page(max_results=1)
+    path = config.write_config(config.api_base(url), api_key)
+    typer.echo(f"Logged in to {config.api_base(url)}; saved to {path}")
+
+
+def health(url: str | None = UrlOption, as_json: bool = JsonOption) -> None:
+    """The service's /health (no key needed)."""
+    import httpx
+
+    base = config.resolve(url).url
+    with failures_as_exit_codes():
+        try:
+            response = httpx.get(f"{base}/health", timeout=10)
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"Could not reach {base}: {exc}") from exc
+    body = response.json()
+    if as_json:
+        typer.echo(json.dumps(body))
+    else:
+        services = ", ".join(f"{name} {state}" for name, state in body.get("services", {}).items())
+        typer.echo(f"{base}: {body.get('status')} ({services})")
+    if body.get("status") == "unhealthy" or response.status_code >= 500:
+        raise typer.Exit(7)
+
+
+@models_app.command("list")
+def models_list(
+    name: str | None = typer.Option(None, "--name", help="Only the versions of this model"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Every model version (all pages)."""
+    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+        versions = registry.list_models(name)
+    show(
+        versions,
+        as_json,
+        lambda rows: _table(
+            "Model versions",
+            ["name", "version", "stage", "aliases", "status"],
+            [[v.name, v.version, v.stage, ", ".join(v.aliases), v.status] for v in rows],
+        ),
+    )
+
+
+@models_app.command("show")
+def models_show(
+    reference: str = typer.Argument(..., help="name:version"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """One version's details."""
+    name, version = _reference(reference)
+    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+        detail = registry.get_model(name, version)
+    show(
+        detail,
+        as_json,
+        lambda d: _table(
+            f"{d.name}:{d.version}",
+            ["field", "value"],
+            [
+                ["stage", d.stage],
+                ["aliases", ", ".join(d.aliases)],
+                ["status", d.status],
+                ["source", d.source],
+                ["run_id", d.run_id],
+                ["description", d.description],
+                *[[f"tag {key}", value] for key, value in sorted(d.tags.items())],
+            ],
+        ),
+    )
+
+
+@models_app.command("promote")
+def models_promote(
+    reference: str = typer.Argument(..., help="name:version"),
+    stage: str = typer.Option("Production", "--stage", help="Staging, Production, Archived or None"),
+    archive_existing: bool = typer.Option(False, "--archive-existing", help="Archive the versions now in that stage"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Move a version to a stage (Production by default)."""
+    name, version = _reference(reference)
+    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+        detail = registry.transition(name, version, stage, archive_existing)
+    if as_json:
+        show(detail, True)
+    else:
+        typer.echo(f"{detail.name}:{detail.version} is now in {detail.stage}")
+
+
+@models_app.command("download")
+def models_download(
+    reference: str = typer.Argument(..., help="name:version"),
+    dest: Path = typer.Option(Path("."), "--dest", help="A file, or a directory for the server's file name"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar"),
+) -> None:
+    """The version's artifacts as a zip, with a progress bar."""
+    name, version = _reference(reference)
+    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+        target = registry.download(name, version, dest, progress=not quiet)
+    typer.echo(str(target))
+
+
+@models_app.command("compare")
+def models_compare(
+    model1: str = typer.Argument(..., help="name:version or name@alias"),
+    model2: str = typer.Argument(..., help="name:version or name@alias"),
+    metric: str | None = typer.Option(None, "--metric", help="Recommend by this metric"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Two versions' metrics side by side, their differences and a recommendation."""
+    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+        comparison = registry.compare(model1, model2, metric)
+
+    def table(c: Any) -> Any:
+        keys = sorted(set(c.model1.metrics) | set(c.model2.metrics))
+        rows = [[key, c.model1.metrics.get(key), c.model2.metrics.get(key), c.delta.get(key)] for key in keys]
+        return _table(c.recommendation, ["metric", model1, model2, "delta"], rows)
+
+    show(comparison, as_json, table)
+
+
+@dspy_app.command("programs")
+def dspy_programs(url: str | None = UrlOption, api_key: str | None = KeyOption, as_json: bool = JsonOption) -> None:
+    """Registered (and trusted) DSPy programs."""
+    from hokusai.sdk.dspy import DSPyClient
+
+    with failures_as_exit_codes(), DSPyClient(url, api_key) as client:
+        programs = client.programs()
+    show(
+        programs,
+        as_json,
+        lambda rows: _table(
+            "DSPy programs",
+            ["program_id", "version", "module", "inputs", "outputs"],
+            [
+                [
+                    p.program_id,
+                    p.version,
+                    p.module,
+                    ", ".join(p.signatures[0].input_fields) if p.signatures else "",
+                    ", ".join(p.signatures[0].output_fields) if p.signatures else "",
+                ]
+                for p in rows
+            ],
+        ),
+    )
+
+
+@dspy_app.command("run")
+def dspy_run(
+    program_id: str = typer.Argument(...),
+    inputs: list[str] = typer.Option([], "--input", "-i", help="field=value (repeatable); a value may be JSON"),
+    mode: str = typer.Option("normal", "--mode", help="normal, dry_run or debug"),
+    timeout: float | None = typer.Option(None, "--timeout", help="Seconds"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Execute a program once."""
+    from hokusai.sdk.dspy import DSPyClient
+
+    values = {}
+    for item in inputs:
+        field, equals, value = item.partition("=")
+        if not equals:
+            raise typer.BadParameter(f"{item!r} is not field=value", param_hint="--input")
+        try:
+            values[field] = json.loads(value)
+        except ValueError:
+            values[field] = value
+    with failures_as_exit_codes(), DSPyClient(url, api_key) as client:
+        result = client.execute(program_id, values, mode=mode, timeout=timeout)
+    if as_json:
+        show(result, True)
+        return
+    for name, value in (result.outputs or {}).items():
+        typer.echo(f"{name}: {value}")
+    typer.echo(f"({result.execution_id}, {result.execution_time:.2f} s)", err=True)
+
+
+def _reference(reference: str) -> tuple[str, str]:
+    name, colon, version = reference.rpartition(":")
+    if not colon or not name or not version:
+        raise typer.BadParameter(f"{reference!r} is not name:version")
+    return name, version
+
+
+def add_client_commands(app: typer.Typer) -> None:
+    app.command("login")(login)
+    app.command("health")(health)
+    app.add_typer(models_app, name="models")
+    app.add_typer(dspy_app, name="dspy")
