@@ -18,6 +18,7 @@ import redis
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, run_migrations
 from hokusai.server.mlflow.embedded import embedded_mlflow_command, free_loopback_port
+from tests.fake_lm import FakeLanguageModel
 from tests.support import (
     MlflowServer,
     ServiceFactory,
@@ -100,6 +101,14 @@ async def database(request: pytest.FixtureRequest, tmp_path) -> AsyncIterator[Da
     migrated = Database(settings.async_database_dsn)
     yield migrated
     await migrated.dispose()
+
+
+@pytest.fixture(scope="session")
+def fake_lm() -> Iterator[FakeLanguageModel]:
+    """The OpenAI-compatible language model server of the DSPy tests (tests/fake_lm.py)."""
+    server = FakeLanguageModel()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

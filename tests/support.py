@@ -102,6 +102,32 @@ def through_the_gateway(service: ServiceProcess, key: str) -> dict[str, str]:
     return env
 
 
+def run_analytics_scenario(service: ServiceProcess, key: str, experiment: str) -> dict:
+    """tests/analytics_scenario.py through the gateway: two trained, logged (unregistered) versions; its datasets
+    are written to the service's datasets directory. Returns what the script logged."""
+    import json
+
+    datasets = service.home / "datasets"
+    datasets.mkdir(exist_ok=True)
+    result = subprocess.run(
+        [sys.executable, str(Path(__file__).with_name("analytics_scenario.py")), experiment, str(datasets)],
+        env=through_the_gateway(service, key),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def benchmark_metadata(version: dict, contributor: str | None = None) -> dict:
+    """Register metadata of a scenario version: its validation accuracy as the benchmark, and a contributor."""
+    metadata = {"benchmark_metric": "val_accuracy", "benchmark_value": version["metrics"]["val_accuracy"]}
+    if contributor:
+        metadata["contributor_address"] = contributor
+    return metadata
+
+
 def spawn_service(env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:
     """`hokusai serve` in its own process group, output to `log_path` (or nowhere)."""
     command = [sys.executable, "-m", "hokusai.cli", "serve"]

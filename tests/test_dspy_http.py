@@ -9,7 +9,6 @@ import time
 
 import pytest
 
-from tests.fake_lm import FakeLanguageModel
 from tests.support import through_the_gateway
 
 EMAIL = {
@@ -23,13 +22,6 @@ EMAIL = {
     "demos": [],
 }
 INPUTS = {"recipient": "john@example.com", "subject": "Meeting Follow-up", "context": "Discussed Q4 targets"}
-
-
-@pytest.fixture(scope="module")
-def fake_lm():
-    server = FakeLanguageModel()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -11,17 +11,21 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
 import pytest
 
-from tests.support import run_cli, service_environment, through_the_gateway
+from tests.support import (
+    benchmark_metadata,
+    run_analytics_scenario,
+    run_cli,
+    service_environment,
+    through_the_gateway,
+)
 
 MODEL = "analytics-classifier"
 CONTRIBUTOR = "0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed"  # the EIP-55 example address
 SECOND = "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359"
 THIRD = "0xdbF03B407c01E7cD3CBea99509d93f8DDDC8C6FB"
-SCENARIO = Path(__file__).with_name("analytics_scenario.py")
 
 
 def register(writer, model_uri: str, metadata: dict):
@@ -32,22 +36,10 @@ def register(writer, model_uri: str, metadata: dict):
 @pytest.fixture(scope="module")
 def scenario(service, keys, writer) -> dict:
     """Two trained versions: v1 (no contributor), v2 contributed by CONTRIBUTOR (given in lowercase)."""
-    datasets = service.home / "datasets"
-    datasets.mkdir(exist_ok=True)
-    result = subprocess.run(
-        [sys.executable, str(SCENARIO), MODEL, str(datasets)],
-        env=through_the_gateway(service, keys["write"]),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = json.loads(result.stdout.strip().splitlines()[-1])
+    logged = run_analytics_scenario(service, keys["write"], MODEL)
     registered = []
     for index, version in enumerate(logged["versions"]):
-        metadata = {"benchmark_metric": "val_accuracy", "benchmark_value": version["metrics"]["val_accuracy"]}
-        if index == 1:
-            metadata["contributor_address"] = CONTRIBUTOR.lower()
+        metadata = benchmark_metadata(version, CONTRIBUTOR.lower() if index == 1 else None)
         answer = register(writer, version["model_uri"], metadata)
         assert answer.status_code == 201, answer.text
         registered.append(answer.json())

@@ -35,19 +35,10 @@ from hokusai import (
 from hokusai.sdk import config
 from hokusai.sdk.dspy import dspy_prefix
 from hokusai.sdk.models import ComparedVersion, Registration
-from tests.fake_lm import FakeLanguageModel
-from tests.support import run_cli, service_environment, through_the_gateway
+from tests.support import benchmark_metadata, run_analytics_scenario, run_cli, service_environment
 
 MODEL = "sdk-classifier"
 CONTRIBUTOR = "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359"
-SCENARIO = Path(__file__).with_name("analytics_scenario.py")
-
-
-@pytest.fixture(scope="module")
-def fake_lm():
-    server = FakeLanguageModel()
-    yield server
-    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -79,22 +70,10 @@ def registry(sdk_service, sdk_keys):
 
 @pytest.fixture(scope="module")
 def versions(sdk_service, sdk_keys, registry) -> dict:
-    datasets = sdk_service.home / "datasets"
-    datasets.mkdir(exist_ok=True)
-    result = subprocess.run(
-        [sys.executable, str(SCENARIO), MODEL, str(datasets)],
-        env=through_the_gateway(sdk_service, sdk_keys["write"]),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = json.loads(result.stdout.strip().splitlines()[-1])
+    logged = run_analytics_scenario(sdk_service, sdk_keys["write"], MODEL)
     logged["registered"] = []
     for index, version in enumerate(logged["versions"]):
-        metadata = {"benchmark_metric": "val_accuracy", "benchmark_value": version["metrics"]["val_accuracy"]}
-        if index == 1:
-            metadata["contributor_address"] = CONTRIBUTOR.lower()
+        metadata = benchmark_metadata(version, CONTRIBUTOR.lower() if index == 1 else None)
         logged["registered"].append(registry.register(version["model_uri"], "classifier", MODEL, metadata))
     return logged
 
@@ -166,6 +145,10 @@ def test_every_model_method_end_to_end(registry, versions, tmp_path):
     seen = []
     registry.download(MODEL, 1, tmp_path / "one.zip", progress=seen.append)
     assert seen and seen[-1] == (tmp_path / "one.zip").stat().st_size
+    extra = registry.register(versions["versions"][0]["model_uri"], "classifier", MODEL)
+    assert registry.delete_model(MODEL, extra.version).message == f"Model {MODEL}:{extra.version} deleted successfully"
+    with pytest.raises(NotFound):
+        registry.get_model(MODEL, extra.version)
 
 
 def test_the_async_twins(sdk_service, sdk_keys, versions, fake_lm, tmp_path):
