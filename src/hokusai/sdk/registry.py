@@ -274,7 +274,7 @@ class AsyncModelRegistry(_ModelOperations):
                     self._transport.raise_for_status(response)
                 target = _download_target(dest, response.headers, name, version)
                 received = 0
-                async with await anyio.open_file(target, "wb") as out:
+                async with await anyio.open_file(target, "wb") as out:  # anyio: httpx's own dependency
                     async for chunk in response.aiter_bytes(1024 * 1024):
                         await out.write(chunk)
                         received += len(chunk)
