@@ -21,8 +21,16 @@ def mlflow_children(service_pid: int) -> list[psutil.Process]:
     return [
         p
         for p in psutil.Process(service_pid).children(recursive=True)
-        if "hokusai.server.mlflow.launcher" in " ".join(p.cmdline())
+        if "hokusai.server.mlflow.launcher" in _command_line(p)
     ]
+
+
+def _command_line(process: psutil.Process) -> str:
+    """A child that has just exited (the `git` that reads the build info, say) has no command line left to read."""
+    try:
+        return " ".join(process.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        return ""
 
 
 def wait_until(predicate, timeout: float, what: str):
