@@ -90,8 +90,12 @@ def test_ready_is_503_while_mlflow_is_down_and_the_child_is_restarted(embedded_s
 def start_with_mlflow_child(home) -> tuple[int, subprocess.Popen, psutil.Process]:
     port = free_loopback_port()
     process = spawn_service(service_environment(HOKUSAI_HOME=str(home), HOKUSAI_PORT=str(port)))
-    wait_until(lambda: mlflow_children(process.pid), 60, "the MLflow child to start")
-    [child] = mlflow_children(process.pid)
+    try:
+        wait_until(lambda: mlflow_children(process.pid), 60, "the MLflow child to start")
+        [child] = mlflow_children(process.pid)
+    except BaseException:  # the caller's cleanup never starts: stop the service (and its MLflow) here
+        stop_process_group(process)
+        raise
     return port, process, child
 
 
