@@ -47,16 +47,17 @@ class ExecutionFailed(HokusaiError):
 
     status_code = 502
 
-    def __init__(self, detail: str, error_type: str) -> None:
+    def __init__(self, detail: str, error_type: str, usage: dict[str, Any] | None = None) -> None:
         super().__init__(detail)
         self.error_type = error_type
+        self.usage = usage or {}
 
 
 class ExecutionTimedOut(ExecutionFailed):
     status_code = 504
 
-    def __init__(self, seconds: float) -> None:
-        super().__init__(f"DSPy execution timed out after {seconds:g}s", "timeout")
+    def __init__(self, seconds: float, usage: dict[str, Any] | None = None) -> None:
+        super().__init__(f"DSPy execution timed out after {seconds:g}s", "timeout", usage)
 
 
 @dataclass
@@ -256,29 +257,40 @@ def render_prompt(program: RunnableProgram, inputs: dict[str, Any]) -> list[dict
 async def run_program(
     program: RunnableProgram, lm: Any, inputs: dict[str, Any], timeout: float, capture: CapturedCalls | None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(outputs, usage). acall runs on the event loop (DSPy's async path), so no worker thread waits on an LM."""
+    """(outputs, usage). acall runs on the event loop (DSPy's async path), so no worker thread waits on an LM.
+
+    Usage comes from an explicit tracker rather than the prediction, so a failed execution still reports the tokens
+    its LM calls used (in ExecutionFailed.usage).
+    """
     callbacks = [capture] if capture is not None else []
-    try:
-        with dspy.context(
+    with (
+        dspy.context(
             lm=lm,
-            track_usage=True,  # per prediction, instead of the history
             disable_history=True,  # DSPy's history keeps every call: unbounded memory in a server
             max_trace_size=0,  # and so does its trace of every predictor call
             callbacks=callbacks,
             adapter=ANSWER_FORMAT,
-        ):
+        ),
+        dspy.track_usage() as tracker,
+    ):
+        try:
             async with asyncio.timeout(timeout):
                 prediction = await program.module.acall(**inputs)
-    except (TimeoutError, LMTimeoutError):
-        raise ExecutionTimedOut(timeout) from None
-    except AdapterParseError as exc:
-        raise ExecutionFailed(f"The language model's answer could not be read: {_first_line(exc)}", "parse") from exc
-    except DSPyError as exc:
-        raise ExecutionFailed(f"The language model failed: {_first_line(exc)}", type(exc).__name__) from exc
+        except (TimeoutError, LMTimeoutError):
+            raise ExecutionTimedOut(timeout, _usage(tracker)) from None
+        except AdapterParseError as exc:
+            detail = f"The language model's answer could not be read: {_first_line(exc)}"
+            raise ExecutionFailed(detail, "parse", _usage(tracker)) from exc
+        except DSPyError as exc:
+            detail = f"The language model failed: {_first_line(exc)}"
+            raise ExecutionFailed(detail, type(exc).__name__, _usage(tracker)) from exc
     names = program.output_names or list(prediction.keys())
     outputs = {name: _jsonable(prediction.get(name)) for name in names if name in prediction}
-    usage = prediction.get_lm_usage() or {}
-    return outputs, {model: _jsonable(counts) for model, counts in usage.items()}
+    return outputs, _usage(tracker)
+
+
+def _usage(tracker: Any) -> dict[str, Any]:
+    return {model: _jsonable(counts) for model, counts in tracker.get_total_tokens().items()}
 
 
 def _jsonable(value: Any) -> Any:

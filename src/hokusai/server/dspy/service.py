@@ -233,9 +233,9 @@ class DspyService:
             metadata["language_model"] = lm.model
             try:
                 outputs, usage = await run_program(program, lm, inputs, timeout, capture)
-                metadata["usage"] = usage
             except ExecutionFailed as exc:
-                error = exc
+                error, usage = exc, exc.usage
+            metadata["usage"] = usage
             if capture is not None:
                 metadata["lm_calls"] = capture.calls
         duration = time.perf_counter() - started
