@@ -4,6 +4,7 @@ on SQLite and PostgreSQL, and the number of MLflow calls an improvement history 
 from __future__ import annotations
 
 import hashlib
+import os
 from datetime import UTC, datetime, timedelta
 
 import mlflow
@@ -20,7 +21,7 @@ from hokusai.server.registry.lineage import LineageService, training_data_tag
 from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.registry.models import ContributionRow
 from hokusai.server.registry.performance import split_by_prefix
-from hokusai.server.registry.predictions import PredictionStore, jsonable_predictions
+from hokusai.server.registry.predictions import PredictionStore, jsonable_predictions, trim_directory
 from hokusai.server.registry.versions import MetricDirection, ModelReference, VersionReader
 from hokusai.server.runtime import build_breaker
 
@@ -256,3 +257,15 @@ async def test_improvement_history_calls_do_not_grow_with_versions(mlflow_server
     finally:
         await upstream.aclose()
         await database.dispose()
+
+
+def test_model_files_are_trimmed_least_recently_used_first(tmp_path):
+    root = tmp_path / "model-cache"
+    for index, name in enumerate(["old", "loaded", "recent", "new", "fetching.partial"]):
+        (root / name).mkdir(parents=True)
+        (root / name / "model.bin").write_bytes(b"x" * 100)
+        os.utime(root / name, (1000 + index, 1000 + index))
+    removed = trim_directory(root, max_bytes=250, keep={root / "loaded", root / "new"})
+    assert removed == [root / "old", root / "recent"]  # oldest first, skipping what is kept, until <= 250 bytes
+    assert sorted(p.name for p in root.iterdir()) == ["fetching.partial", "loaded", "new"]
+    assert trim_directory(root, max_bytes=10_000, keep=set()) == []

@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     )
     evaluation_experiment: str = Field("hokusai-evaluations", min_length=1, description="Where evaluation runs go")
     prediction_cache_size: int = Field(4, ge=1, description="Loaded models kept in memory for predict/evaluate")
+    model_cache_max_bytes: int = Field(
+        5_000_000_000, ge=0, description="Disk kept for fetched model files (HOME/model-cache); least recently used go"
+    )
     prediction_max_rows: int = Field(10_000, ge=1, description="Rows one predict call may send")
     production_metrics_window: float = Field(
         3600.0, gt=0, description="Seconds of prediction records behind production_metrics"

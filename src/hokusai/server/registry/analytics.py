@@ -32,7 +32,9 @@ class ModelAnalytics:
         reader = VersionReader(MlflowApi(upstream), settings.evaluation_experiment)
         direction = MetricDirection(settings.lower_is_better)
         lineage = LineageService(reader, database, direction)
-        loader = ModelLoader(upstream, settings.home / "model-cache", settings.prediction_cache_size)
+        loader = ModelLoader(
+            upstream, settings.home / "model-cache", settings.prediction_cache_size, settings.model_cache_max_bytes
+        )
         prediction_store = PredictionStore(database)
         return cls(
             comparisons=ComparisonService(reader, direction, settings.compare_tolerance),

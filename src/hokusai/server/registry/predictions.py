@@ -48,16 +48,22 @@ class LoadedModel:
     name: str
     version: str
     pyfunc: Any  # mlflow.pyfunc.PyFuncModel
+    directory: Path
 
 
 class ModelLoader:
-    """Loaded versions, the least recently used dropped beyond `capacity`; one load per version at a time."""
+    """Loaded versions, the least recently used dropped beyond `capacity`; one load per version at a time.
 
-    def __init__(self, upstream: MlflowUpstream, cache_dir: Path, capacity: int) -> None:
+    Their files stay on disk under `cache_dir` up to `max_bytes` in all; beyond, the directories used least recently
+    go (never one whose model is loaded).
+    """
+
+    def __init__(self, upstream: MlflowUpstream, cache_dir: Path, capacity: int, max_bytes: int) -> None:
         self._upstream = upstream
         self._api = MlflowApi(upstream)
         self._cache_dir = cache_dir
         self._capacity = capacity
+        self._max_bytes = max_bytes
         self._loaded: OrderedDict[tuple[str, str], LoadedModel] = OrderedDict()
         self._loading: dict[tuple[str, str], asyncio.Lock] = {}
 
@@ -83,7 +89,7 @@ class ModelLoader:
             pyfunc = await anyio.to_thread.run_sync(_load_pyfunc, directory)
         except Exception as exc:  # whatever the flavor raises: the model cannot serve, the service can
             raise ModelUnusable(f"Model {name}:{version} could not be loaded: {_first_line(exc)}") from exc
-        return LoadedModel(name, version, pyfunc)
+        return LoadedModel(name, version, pyfunc, directory)
 
     async def local_copy(self, name: str, version: str) -> Path:
         """The version's files on local disk, fetched through the upstream client the first time."""
@@ -97,8 +103,12 @@ class ModelLoader:
         root = served_artifact_root(located["artifact_uri"])
         # Versions never change their files, so a complete download is reused (the root names the files).
         directory = self._cache_dir / hashlib.sha256(f"{name}\0{version}\0{root}".encode()).hexdigest()[:32]
-        if not await anyio.Path(directory).exists():
+        if await anyio.Path(directory).exists():
+            await anyio.Path(directory).touch()  # its last use, for the disk bound
+        else:
             await self._fetch(root, directory)
+            keep = {directory} | {loaded.directory for loaded in self._loaded.values()}
+            await anyio.to_thread.run_sync(trim_directory, self._cache_dir, self._max_bytes, keep)
         return directory
 
     async def _fetch(self, root: str, directory: Path) -> None:
@@ -114,6 +124,27 @@ class ModelLoader:
                 raise
         finally:  # left over when another process won the rename, or when the fetch failed
             await anyio.to_thread.run_sync(shutil.rmtree, staging, True)
+
+
+def trim_directory(root: Path, max_bytes: int, keep: set[Path]) -> list[Path]:
+    """Blocking: remove the least recently used subdirectories of `root` (not those in `keep`, not a fetch in
+    progress) until the whole holds at most `max_bytes`; what was removed."""
+    entries = []
+    for child in root.iterdir():
+        if child.is_dir() and not child.name.endswith(".partial"):
+            size = sum(path.stat().st_size for path in child.rglob("*") if path.is_file())
+            entries.append((child.stat().st_mtime, child, size))
+    total = sum(size for _, _, size in entries)
+    removed = []
+    for _, child, size in sorted(entries):
+        if total <= max_bytes:
+            break
+        if child in keep:
+            continue
+        shutil.rmtree(child, ignore_errors=True)
+        total -= size
+        removed.append(child)
+    return removed
 
 
 def _load_pyfunc(directory: Path) -> Any:
