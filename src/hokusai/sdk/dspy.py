@@ -7,7 +7,7 @@ from urllib.parse import quote
 
 from hokusai.sdk.config import resolve
 from hokusai.sdk.models import BatchExecution, DSPyHealth, DSPyStats, ExecutionRecord, ExecutionResult, Message, Program
-from hokusai.sdk.transport import AsyncTransport, Call, RetryPolicy, Transport
+from hokusai.sdk.transport import AsyncTransport, Call, Operations, RetryPolicy, Transport, without_none
 
 
 def dspy_prefix(base_url: str) -> str:
@@ -15,16 +15,8 @@ def dspy_prefix(base_url: str) -> str:
     return "/v1/dspy" if base_url.rstrip("/").endswith("/api") else "/api/v1/dspy"
 
 
-def _without_none(values: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in values.items() if value is not None}
-
-
-class _DSPyOperations:
-    _transport: Transport | AsyncTransport
+class _DSPyOperations(Operations):
     _prefix: str
-
-    def _send(self, call: Call) -> Any:
-        return self._transport.run(call)
 
     def _program_path(self, program_id: str) -> str:
         return f"{self._prefix}/programs/{quote(program_id, safe='')}"
@@ -34,7 +26,7 @@ class _DSPyOperations:
 
     def program(self, program_id: str, version: str | None = None) -> Any:
         return self._send(
-            Call("GET", self._program_path(program_id), Program, params=_without_none({"version": version}))
+            Call("GET", self._program_path(program_id), Program, params=without_none({"version": version}))
         )
 
     def register_program(self, program_id: str, name: str, signature: str, **declaration: Any) -> Any:
@@ -48,7 +40,7 @@ class _DSPyOperations:
         return self._send(Call("PUT", path, Program, json=body))
 
     def delete_program(self, program_id: str, version: str | None = None) -> Any:
-        params = _without_none({"version": version})
+        params = without_none({"version": version})
         return self._send(Call("DELETE", self._program_path(program_id), Message, params=params, idempotent=False))
 
     def execute(
@@ -60,7 +52,7 @@ class _DSPyOperations:
         version: str | None = None,
     ) -> Any:
         """Not retried after a failure (each attempt costs LM calls), only after a 429."""
-        body = _without_none(
+        body = without_none(
             {"program_id": program_id, "inputs": inputs, "mode": mode, "timeout": timeout, "version": version}
         )
         return self._send(Call("POST", f"{self._prefix}/execute", ExecutionResult, json=body, idempotent=False))
@@ -73,7 +65,7 @@ class _DSPyOperations:
         timeout: float | None = None,
         version: str | None = None,
     ) -> Any:
-        body = _without_none(
+        body = without_none(
             {"program_id": program_id, "inputs_list": inputs_list, "mode": mode, "timeout": timeout, "version": version}
         )
         return self._send(Call("POST", f"{self._prefix}/execute/batch", BatchExecution, json=body, idempotent=False))

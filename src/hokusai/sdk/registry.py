@@ -32,7 +32,7 @@ from hokusai.sdk.models import (
     VersionLineage,
     VersionMetrics,
 )
-from hokusai.sdk.transport import AsyncTransport, Call, RetryPolicy, Transport
+from hokusai.sdk.transport import AsyncTransport, Call, Operations, RetryPolicy, Transport, without_none
 
 Progress = Callable[[int], None]  # called with the bytes received so far
 
@@ -41,21 +41,12 @@ def _version(name: str, version: str | int) -> str:
     return f"/models/{quote(name, safe='')}/{quote(str(version), safe='')}"
 
 
-def _without_none(values: dict[str, Any]) -> dict[str, Any]:
-    return {key: value for key, value in values.items() if value is not None}
-
-
-class _ModelOperations:
+class _ModelOperations(Operations):
     """The operations of both clients; `_send` returns a result (sync) or an awaitable of one (async)."""
-
-    _transport: Transport | AsyncTransport
-
-    def _send(self, call: Call) -> Any:
-        return self._transport.run(call)
 
     def list_page(self, name: str | None = None, max_results: int = 100, page_token: str | None = None) -> Any:
         """One page of versions (newest model names first, as MLflow orders them); see list_models for all."""
-        params = _without_none({"name": name, "max_results": max_results, "page_token": page_token})
+        params = without_none({"name": name, "max_results": max_results, "page_token": page_token})
         return self._send(Call("GET", "/models/", ModelPage, params=params))
 
     def get_model(self, name: str, version: str | int) -> Any:
@@ -65,7 +56,7 @@ class _ModelOperations:
         self, name: str, version: str | int, description: str | None = None, tags: dict[str, str | None] | None = None
     ) -> Any:
         """Tags are merged; a tag set to None is removed."""
-        body = _without_none({"description": description, "tags": tags})
+        body = without_none({"description": description, "tags": tags})
         return self._send(Call("PATCH", _version(name, version), ModelVersionDetail, json=body))
 
     def delete_model(self, name: str, version: str | int) -> Any:
@@ -84,7 +75,7 @@ class _ModelOperations:
         idempotency_key: str | None = None,
     ) -> Any:
         """A new version from a model URI. Retried safely: every attempt carries the same Idempotency-Key."""
-        body = _without_none(
+        body = without_none(
             {"model_data": model_data, "model_type": model_type, "model_name": model_name, "metadata": metadata}
         )
         headers = {"Idempotency-Key": idempotency_key or str(uuid.uuid4())}
@@ -99,7 +90,7 @@ class _ModelOperations:
 
     def compare(self, model1: str, model2: str, metric: str | None = None, tolerance: float | None = None) -> Any:
         """`model1`/`model2` as "name:version" or "name@alias"."""
-        params = _without_none({"model1": model1, "model2": model2, "metric": metric, "tolerance": tolerance})
+        params = without_none({"model1": model1, "model2": model2, "metric": metric, "tolerance": tolerance})
         return self._send(Call("GET", "/models/compare", Comparison, params=params))
 
     def evaluate(
@@ -111,7 +102,7 @@ class _ModelOperations:
         target_column: str = "label",
     ) -> Any:
         """The evaluation; a large dataset answers at once with status "queued" (poll `evaluation(id)`)."""
-        body = _without_none(
+        body = without_none(
             {
                 "model_name": model_name,
                 "model_version": str(model_version),
@@ -140,7 +131,7 @@ class _ModelOperations:
         return self._send(Call("POST", _version(name, version) + "/predict", Prediction, json={"inputs": inputs}))
 
     def predictions(self, name: str, version: str | int, start: date | None = None, end: date | None = None) -> Any:
-        params = _without_none({"start": start and start.isoformat(), "end": end and end.isoformat()})
+        params = without_none({"start": start and start.isoformat(), "end": end and end.isoformat()})
         return self._send(Call("GET", _version(name, version) + "/predictions", PredictionHistory, params=params))
 
     def contributor_impact(self, address: str, limit: int = 100, offset: int = 0) -> Any:

@@ -78,6 +78,20 @@ def error_from(response: httpx.Response) -> HokusaiError:
     return kind(detail, response.status_code, request_id, body)
 
 
+def without_none(values: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in values.items() if value is not None}
+
+
+class Operations:
+    """The operations of a client, written once: `_send` returns the result (sync transport) or an awaitable of it
+    (async transport), so a sync client and its async twin share every method."""
+
+    _transport: Transport | AsyncTransport
+
+    def _send(self, call: Call) -> Any:
+        return self._transport.run(call)
+
+
 class _Transport:
     def __init__(self, base_url: str, api_key: str | None, timeout: float, retry: RetryPolicy | None) -> None:
         self.base_url = base_url.rstrip("/")

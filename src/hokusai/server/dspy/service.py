@@ -51,7 +51,7 @@ from hokusai.server.dspy.schemas import (
 )
 from hokusai.server.dspy.signatures import parse_signature
 from hokusai.server.dspy.store import ExecutionOutcome, ExecutionStore, ProgramStore, RecordWriter
-from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
+from hokusai.server.errors import InvalidRequest, NotFound, Unprocessable
 from hokusai.server.registry.predictions import ModelLoader
 from hokusai.server.timestamps import iso
 
@@ -190,10 +190,10 @@ class DspyService:
         async def item(inputs: dict[str, Any]) -> tuple[ExecutionResult, ExecutionOutcome]:
             async with slots:
                 try:
-                    checked = check_inputs(program, inputs)
-                except Unprocessable as exc:
-                    return self._refused(program, inputs, request.mode, key, batch_id, exc)
-                result, outcome, _ = await self._run(program, lm, checked, request.mode, timeout, key, batch_id)
+                    inputs, refusal = check_inputs(program, inputs), None
+                except Unprocessable as exc:  # a failed item, recorded, not a failed batch
+                    refusal = ExecutionFailed(exc.detail, "invalid_input")
+                result, outcome, _ = await self._run(program, lm, inputs, request.mode, timeout, key, batch_id, refusal)
                 return result, outcome
 
         done = await asyncio.gather(*(item(inputs) for inputs in request.inputs_list))
@@ -218,17 +218,19 @@ class DspyService:
         timeout: float,
         key: ApiKeyInfo,
         batch_id: str | None = None,
+        refusal: ExecutionFailed | None = None,
     ) -> tuple[ExecutionResult, ExecutionOutcome, ExecutionFailed | None]:
+        """Run the program (unless `refusal` says why not) and describe the execution: its answer and its record."""
         execution_id = str(uuid.uuid4())
         started_at, started = utcnow(), time.perf_counter()
         metadata: dict[str, Any] = {"program_version": program.version, "mode": mode}
         outputs: dict[str, Any] | None = None
         usage: dict[str, Any] | None = None
-        error: ExecutionFailed | None = None
-        if mode == "dry_run":
+        error = refusal
+        if refusal is None and mode == "dry_run":
             metadata["prompt"] = render_prompt(program, inputs)
             outputs = {}
-        else:
+        elif refusal is None:
             capture = CapturedCalls() if mode == "debug" else None
             metadata["language_model"] = lm.model
             try:
@@ -250,44 +252,8 @@ class DspyService:
             program_name=program.program_id,
             metadata=metadata,
         )
-        outcome = self._outcome(
-            program, execution_id, batch_id, key, mode, inputs, outputs, usage, error, duration, started_at
-        )
-        return result, outcome, error
-
-    def _refused(
-        self, program: RunnableProgram, inputs: dict, mode: str, key: ApiKeyInfo, batch_id: str, exc: HokusaiError
-    ) -> tuple[ExecutionResult, ExecutionOutcome]:
-        execution_id = str(uuid.uuid4())
-        result = ExecutionResult(
-            execution_id=execution_id,
-            success=False,
-            outputs=None,
-            error=exc.detail,
-            execution_time=0.0,
-            program_name=program.program_id,
-            metadata={"program_version": program.version, "mode": mode, "batch_id": batch_id},
-        )
-        failure = ExecutionFailed(exc.detail, "invalid_input")
-        outcome = self._outcome(program, execution_id, batch_id, key, mode, inputs, None, None, failure, 0.0, utcnow())
-        return result, outcome
-
-    def _outcome(
-        self,
-        program: RunnableProgram,
-        execution_id: str,
-        batch_id: str | None,
-        key: ApiKeyInfo,
-        mode: str,
-        inputs: dict[str, Any],
-        outputs: dict[str, Any] | None,
-        usage: dict[str, Any] | None,
-        error: ExecutionFailed | None,
-        duration: float,
-        started_at,
-    ) -> ExecutionOutcome:
         keep = self._settings.dspy_record_content
-        return ExecutionOutcome(
+        outcome = ExecutionOutcome(
             execution_id=execution_id,
             program_id=program.program_id,
             program_version=program.version,
@@ -295,7 +261,7 @@ class DspyService:
             key_id=key.id,
             mode=mode,
             success=error is None,
-            error=error.detail if error else None,
+            error=result.error,
             error_type=error.error_type if error else None,
             duration_ms=duration * 1000,
             input_bytes=_size(inputs),
@@ -305,6 +271,7 @@ class DspyService:
             usage=usage,
             started_at=started_at,
         )
+        return result, outcome, error
 
     async def execution(self, execution_id: str, key: ApiKeyInfo) -> ExecutionRecord:
         """Served to the key that ran it, or to an admin; to anyone else it does not exist."""
