@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import Any
 
@@ -83,8 +84,11 @@ class LineageService:
 
     async def version_lineage(self, name: str, version: str) -> VersionLineage:
         raw = await self._reader.version(name, version)
-        parent = await self.parent(raw)
-        run = await self._reader.run(raw["run_id"]) if raw.get("run_id") else None
+        parent, run, model_id = await asyncio.gather(
+            self.parent(raw),
+            self._reader.run(raw.get("run_id")),
+            self.model_id(raw["name"]),
+        )
         datasets = datasets_of(run)
         tags = tags_of(raw)
         training_data = [dataset.name for dataset in datasets if dataset.context in (None, "training", "train")]
@@ -93,7 +97,7 @@ class LineageService:
         experiments = [run["info"]["experiment_id"]] if run else []
         return VersionLineage(
             model=f"{raw['name']}:{raw['version']}",
-            model_id=await self.model_id(raw["name"]),
+            model_id=model_id,
             run_id=raw.get("run_id") or None,
             parents=[f"{parent[0]}:{parent[1]}"] if parent else [],
             training_data=training_data,
@@ -160,7 +164,7 @@ class LineageService:
             raw = await self._reader.version(*parent)
         except NotFound:
             return None
-        run = await self._reader.run(raw["run_id"]) if raw.get("run_id") else None
+        run = await self._reader.run(raw.get("run_id"))
         return version_metrics(raw, run)
 
 

@@ -7,6 +7,8 @@ latest evaluation run (POST /models/evaluate) adds to, and wins over, the valida
 
 from __future__ import annotations
 
+import asyncio
+
 from hokusai.server.registry.predictions import PredictionStore
 from hokusai.server.registry.schemas import VersionMetrics
 from hokusai.server.registry.versions import VersionReader, run_metrics
@@ -38,11 +40,13 @@ class PerformanceService:
 
     async def metrics(self, name: str, version: str) -> VersionMetrics:
         raw = await self._reader.version(name, version)
-        facts = await self._reader.facts(raw)
+        facts, production = await asyncio.gather(
+            self._reader.facts(raw),
+            self._predictions.production_metrics(raw["name"], raw["version"], self._window_seconds),
+        )
         recorded = facts.recorded_metrics()
         training, validation = split_by_prefix(recorded)
         validation.update(split_by_prefix(run_metrics(facts.evaluation))[1])
-        production = await self._predictions.production_metrics(raw["name"], raw["version"], self._window_seconds)
         return VersionMetrics(
             model=facts.reference,
             training_metrics=training,

@@ -189,15 +189,17 @@ class VersionReader:
         """The version with its run, logged model and latest evaluation, fetched side by side."""
         facts = VersionFacts(name=raw["name"], version=raw["version"], raw=raw, tags=tags_of(raw))
         run, logged, evaluation = await asyncio.gather(
-            self.run(facts.run_id) if facts.run_id else _nothing(),
+            self.run(facts.run_id),
             self.logged_model(facts.logged_model_id) if facts.logged_model_id else _nothing(),
             self.latest_evaluation(facts.name, facts.version) if with_evaluation else _nothing(),
         )
         facts.run, facts.logged_model, facts.evaluation = run, logged, evaluation
         return facts
 
-    async def run(self, run_id: str) -> dict[str, Any] | None:
-        """The run, or None when it was deleted (a version outlives its run)."""
+    async def run(self, run_id: str | None) -> dict[str, Any] | None:
+        """The run, or None when the version names none or it was deleted (a version outlives its run)."""
+        if not run_id:
+            return None
         found = await self._api(
             "GET", "/runs/get", params={"run_id": run_id}, tolerated=frozenset({"RESOURCE_DOES_NOT_EXIST"})
         )
