@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import secrets
+import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -103,6 +104,11 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: source.read(1024 * 1024), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_dataset(path: Path, kind: str) -> tuple[Any, str]:
+    """Blocking (worker thread): the table and the file's SHA-256, in one hop."""
+    return read_frame(path, kind), file_digest(path)
 
 
 def compute_metrics(model: LoadedModel, frame: Any, target: str, wanted: list[str]) -> dict[str, float]:
@@ -307,14 +313,16 @@ class EvaluationService:
     async def _measure(self, raw: dict[str, Any], dataset: DatasetLocation, request: EvaluateRequest) -> dict:
         started = time.perf_counter()
         model = await self._loader.load(raw["name"], raw["version"])
-        with tempfile.TemporaryDirectory(prefix="hokusai-dataset-") as scratch:
-            path = dataset.local
-            if path is None:
+        if dataset.local is not None:
+            frame, digest = await anyio.to_thread.run_sync(read_dataset, dataset.local, dataset.kind)
+        else:
+            scratch = Path(await anyio.to_thread.run_sync(lambda: tempfile.mkdtemp(prefix="hokusai-dataset-")))
+            try:
                 file = ArtifactFile(dataset.artifact_path or "", dataset.size)
-                await save_files(self._upstream, dataset.artifact_root or "", [file], Path(scratch))
-                path = Path(scratch) / file.path
-            frame = await anyio.to_thread.run_sync(read_frame, path, dataset.kind)
-            digest = await anyio.to_thread.run_sync(file_digest, path)
+                await save_files(self._upstream, dataset.artifact_root or "", [file], scratch)
+                frame, digest = await anyio.to_thread.run_sync(read_dataset, scratch / file.path, dataset.kind)
+            finally:  # a large dataset's removal is file I/O too: off the event loop
+                await anyio.to_thread.run_sync(shutil.rmtree, scratch, True)
         scores = await anyio.to_thread.run_sync(compute_metrics, model, frame, request.target_column, request.metrics)
         duration = time.perf_counter() - started
         run_id = await self._log_run(raw, dataset, digest, len(frame), request, scores)
