@@ -2,7 +2,8 @@
 
 One MLflow server, one `hokusai serve` in front of it, one scikit-learn classifier. Alternating in one run:
   1. predict: POST /models/{name}/1/predict with 100 rows, against mlflow.pyfunc's predict on the same rows in
-     this process (the floor: no HTTP, no auth, no record);
+     this process (the floor: no HTTP, no auth, no record, no isolation), and against a ModelWorkerPool driven from
+     this process (the model in a worker process, as the service runs it: the cost of isolation alone);
   2. evaluate: POST /models/evaluate on a 20,000-row CSV, against loading the CSV, predicting and scoring it with
      scikit-learn in this process (the service also logs an MLflow run and records the evaluation);
   3. improvement history: GET /models/{name}/lineage of a model with 100 versions against one with 10 (the MLflow
@@ -11,6 +12,9 @@ One MLflow server, one `hokusai serve` in front of it, one scikit-learn classifi
 
 from __future__ import annotations
 
+import asyncio
+import json
+import shutil
 import sys
 import tempfile
 import time
@@ -127,15 +131,32 @@ def report(service: httpx.Client, mlflow_client: httpx.Client, mlflow_url: str, 
     def through_service() -> None:
         service.post(f"/models/{name}/1/predict", json={"inputs": records}).raise_for_status()
 
-    through_service()  # the first call loads the model
-    timings: dict[str, list[float]] = {"service": [], "direct": []}
+    first = service.post(f"/models/{name}/1/predict", json={"inputs": records}).json()  # loads it in a worker
+    print(
+        f"first predict (a worker starts and loads the model): {first['latency_ms']:.0f} ms, "
+        f"of which worker and load {first['load_ms']:.0f} ms"
+    )
+    loop = asyncio.new_event_loop()
+    pool, source = loop.run_until_complete(worker_pool(name))
+
+    def through_pool() -> None:
+        payload = json.dumps(records, separators=(",", ":")).encode()
+        loop.run_until_complete(pool.run(source, "predict", "json", payload))
+
+    through_pool()
+    timings: dict[str, list[float]] = {"service": [], "worker pool": [], "direct": []}
     for _ in range(ROUNDS):
         timings["service"].append(timed_ms(through_service))
+        timings["worker pool"].append(timed_ms(through_pool))
         timings["direct"].append(timed_ms(lambda: direct_model.predict(rows)))
-    service_ms, direct_ms = median(timings["service"]), median(timings["direct"])
+    loop.run_until_complete(pool.aclose())
+    loop.close()
+    shutil.rmtree(source.directory.parent.parent, ignore_errors=True)
+    service_ms, pool_ms, direct_ms = (median(timings[side]) for side in ("service", "worker pool", "direct"))
     print(
         f"predict, 100 rows: service {service_ms:.1f} ms, pyfunc in process {direct_ms:.1f} ms, "
-        f"ratio {service_ms / direct_ms:.2f}x (+{service_ms - direct_ms:.1f} ms)"
+        f"ratio {service_ms / direct_ms:.2f}x (+{service_ms - direct_ms:.1f} ms); "
+        f"worker pool alone {pool_ms:.1f} ms (isolation +{pool_ms - direct_ms:.1f} ms)"
     )
 
     def evaluate_service() -> None:
@@ -179,6 +200,22 @@ def report(service: httpx.Client, mlflow_client: httpx.Client, mlflow_url: str, 
         f"improvement history: 10 versions {ten:.1f} ms, 100 versions {hundred:.1f} ms "
         f"(ratio {hundred / ten:.2f}x for 10x the versions); MLflow's search of the 100 alone {search:.1f} ms"
     )
+
+
+async def worker_pool(name: str):
+    """A pool of one worker in this process, on the version's files (downloaded as the service would have them)."""
+    import mlflow.artifacts
+
+    from hokusai.server.models.files import readable_to_workers
+    from hokusai.server.models.pool import ModelSource, ModelWorkerPool, WorkerLimits
+
+    home = Path(tempfile.mkdtemp(prefix="bench-pool-"))
+    cache = home / "model-cache"
+    directory = Path(mlflow.artifacts.download_artifacts(f"models:/{name}/1", dst_path=str(cache / "version")))
+    readable_to_workers(directory)
+    pool = ModelWorkerPool(1, cache, home, WorkerLimits(4 * 2**30, 60, 300, "nobody"))
+    await pool.start()
+    return pool, ModelSource(f"{name}:1", directory)
 
 
 if __name__ == "__main__":

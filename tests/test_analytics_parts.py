@@ -15,13 +15,15 @@ from hokusai.server.config import Settings
 from hokusai.server.db import Database, run_migrations
 from hokusai.server.errors import InvalidRequest
 from hokusai.server.mlflow.upstream import MlflowUpstream
+from hokusai.server.models.files import trim_directory
+from hokusai.server.models.worker import jsonable_predictions
 from hokusai.server.registry.contributors import ContributionStore, checksum_address, contributor_shares
 from hokusai.server.registry.evaluation import local_dataset
 from hokusai.server.registry.lineage import LineageService, training_data_tag
 from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.registry.models import ContributionRow
 from hokusai.server.registry.performance import split_by_prefix
-from hokusai.server.registry.predictions import PredictionStore, jsonable_predictions, trim_directory
+from hokusai.server.registry.predictions import PredictionStore
 from hokusai.server.registry.versions import MetricDirection, ModelReference, VersionReader
 from hokusai.server.runtime import build_breaker
 

@@ -17,6 +17,16 @@ ENV_PREFIX = "HOKUSAI_"
 _SECRET_FIELDS = {"bootstrap_admin_key", "mlflow_token", "mlflow_password", "dspy_api_key"}
 
 
+def discover_home(start: Path) -> Path:
+    """The nearest `.hokusai` with a database in `start` or above (as git finds `.git`), so `hokusai keys ...` run
+    from a subdirectory acts on the server's HOME; else `./.hokusai`, which `hokusai serve` creates."""
+    for directory in (start, *start.parents):
+        candidate = directory / ".hokusai"
+        if (candidate / "hokusai.db").is_file():
+            return candidate if directory != start else Path(".hokusai")
+    return Path(".hokusai")
+
+
 class ConfigurationError(Exception):
     """A setting has a value the service cannot start with; the message is one line naming the variable."""
 
@@ -24,16 +34,46 @@ class ConfigurationError(Exception):
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
 
-    home: Path = Field(Path(".hokusai"), description="Where the embedded database, MLflow store and admin key live")
+    home: Path = Field(
+        default_factory=lambda: discover_home(Path.cwd()),
+        description="Where the embedded database, MLflow store and admin key live; default: the nearest .hokusai "
+        "holding a database in this directory or above, else ./.hokusai",
+    )
     host: str = "127.0.0.1"
     port: int = Field(8001, ge=1, le=65535)
     environment: Literal["development", "test", "staging", "production"] = "development"
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    max_body_bytes: int = Field(
+        16 * 1024 * 1024,
+        ge=1,
+        description="Largest request body of the service's own routes (413 beyond); the MLflow gateway streams "
+        "uploads of any size",
+    )
+    header_timeout: float = Field(
+        10.0, gt=0, description="Seconds a client has to send a request's headers before the connection is closed"
+    )
+    body_read_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request body may stall between two chunks before 408 (gateway uploads too)"
+    )
+    max_connections: int | None = Field(
+        None,
+        ge=1,
+        description="Open connections plus running requests beyond which new requests get 503; unset: no bound",
+    )
 
     database_url: str | None = Field(
         None, description="sqlite:/// or postgresql+psycopg:// URL; default: SQLite in HOME"
     )
     redis_url: RedisDsn | None = None
+    redis_timeout: float = Field(
+        0.1, gt=0, description="Seconds one Redis call may wait to connect or for a reply (a stalled Redis costs this)"
+    )
+    redis_failure_threshold: int = Field(
+        3, ge=1, description="Consecutive Redis failures after which Redis is skipped for a while"
+    )
+    redis_retry_after: float = Field(
+        5.0, gt=0, description="Seconds Redis is skipped after those failures, before one call tries it again"
+    )
 
     mlflow_url: AnyHttpUrl | None = Field(None, description="External MLflow server; unset starts an embedded one")
     mlflow_port: int = Field(0, ge=0, le=65535, description="Loopback port of the embedded MLflow; 0 picks a free one")
@@ -52,6 +92,13 @@ class Settings(BaseSettings):
     breaker_success_threshold: int = Field(2, ge=1, description="Successful probes that close the breaker")
 
     rate_limit_default_per_hour: int = Field(1000, ge=1, description="Requests per key per hour, unless the key says")
+    rate_limit_gateway_per_hour: int | None = Field(
+        None,
+        ge=1,
+        le=2**31 - 1,
+        description="A separate hourly budget for MLflow gateway calls of keys without their own limit; "
+        "unset: gateway calls spend the key's one budget (the API reference's 1000/h per key)",
+    )
     rate_limit_registration: str = Field("20/minute", description="Per key, POST /models/register")
     rate_limit_lineage: str = Field("100/minute", description="Per key, the two lineage routes")
     rate_limit_impact: str = Field("100/minute", description="Per key, contributor impact")
@@ -75,11 +122,29 @@ class Settings(BaseSettings):
         5_000_000, ge=0, description="Datasets up to this size are evaluated in the request; larger ones answer 202"
     )
     evaluation_experiment: str = Field("hokusai-evaluations", min_length=1, description="Where evaluation runs go")
-    prediction_cache_size: int = Field(4, ge=1, description="Loaded models kept in memory for predict/evaluate")
     model_cache_max_bytes: int = Field(
         5_000_000_000, ge=0, description="Disk kept for fetched model files (HOME/model-cache); least recently used go"
     )
     prediction_max_rows: int = Field(10_000, ge=1, description="Rows one predict call may send")
+    model_workers: int = Field(
+        2, ge=1, description="Worker processes that load and run model code (one model version each at a time)"
+    )
+    model_worker_memory_bytes: int = Field(
+        4 * 1024**3, ge=256 * 1024**2, description="Address-space limit of each model worker (RLIMIT_AS)"
+    )
+    model_call_timeout: float = Field(
+        60.0, gt=0, description="Seconds one predict (or evaluation) call may take in a worker before it is killed"
+    )
+    model_load_timeout: float = Field(
+        300.0, gt=0, description="Seconds a worker may take to start and load a model before it is killed"
+    )
+    model_worker_user: str = Field(
+        "nobody", description='User model workers run as when the service runs as root ("": the service\'s own)'
+    )
+    model_worker_network: bool = Field(
+        False,
+        description="Let model code reach the network; else (as root) workers run in an empty network namespace",
+    )
     production_metrics_window: float = Field(
         3600.0, gt=0, description="Seconds of prediction records behind production_metrics"
     )
@@ -102,6 +167,9 @@ class Settings(BaseSettings):
     dspy_timeout: float = Field(60.0, gt=0, description="Seconds an execution may take unless the request says")
     dspy_max_timeout: float = Field(300.0, gt=0, description="Cap of the `timeout` a request may ask for")
     dspy_cache: bool = Field(True, description="DSPy's in-memory response cache (same prompt, same answer)")
+    dspy_lm_cache_size: int = Field(
+        32, ge=1, description="Language model clients kept (one per distinct LM setting); least recently used go first"
+    )
     dspy_batch_concurrency: int = Field(16, ge=1, le=256, description="Items of one batch run at once")
     dspy_max_batch_items: int = Field(1000, ge=1, description="Items one batch request may hold")
     dspy_record_content: bool = Field(
@@ -122,6 +190,9 @@ class Settings(BaseSettings):
     bootstrap_admin_key: SecretStr | None = None
     auth_cache_ttl: float = Field(5.0, ge=0, description="Seconds a validated key is trusted without a database read")
     health_check_timeout: float = Field(2.0, gt=0)
+    health_cache_ttl: float = Field(
+        1.0, ge=0, le=60, description="Seconds a health check result is reused; one check runs at a time either way"
+    )
 
     git_commit: str | None = None
     build_date: str | None = None

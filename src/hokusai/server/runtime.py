@@ -18,14 +18,17 @@ from hokusai.server.buildinfo import BuildInfo, read_build_info
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, run_migrations
 from hokusai.server.dspy.service import DspyService
+from hokusai.server.health.cache import HealthCache
 from hokusai.server.metrics import track_breaker
 from hokusai.server.mlflow.breaker import CircuitBreaker
 from hokusai.server.mlflow.embedded import EmbeddedMlflow
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.ratelimit.policies import parse_limit, route_limits
 from hokusai.server.ratelimit.service import RequestRateLimiter
+from hokusai.server.redis_breaker import RedisBreaker, redis_retry
 from hokusai.server.registry.analytics import ModelAnalytics
 from hokusai.server.registry.cache import RegistryReadCache
+from hokusai.server.registry.locks import ModelLocks
 from hokusai.server.registry.service import RegistryService
 
 logger = logging.getLogger(__name__)
@@ -41,12 +44,14 @@ class Runtime:
     mlflow: MlflowUpstream
     embedded_mlflow: EmbeddedMlflow | None
     redis: Redis | None
+    redis_breaker: RedisBreaker | None
     rate_limiter: RequestRateLimiter
     registry: RegistryService
     analytics: ModelAnalytics
     dspy: DspyService
     build: BuildInfo
     started_at: float
+    health_cache: HealthCache
 
     @classmethod
     async def start(cls, settings: Settings, announce_admin_key: AdminKeyAnnouncer) -> Runtime:
@@ -66,10 +71,16 @@ class Runtime:
         if new_admin_key is not None:
             announce_admin_key(new_admin_key, str(settings.admin_key_path))
 
-        redis = None
+        redis, redis_breaker = None, None
+        health_cache = HealthCache(settings.health_cache_ttl)
         if settings.redis_url is not None:
-            timeout = settings.health_check_timeout
-            redis = Redis.from_url(str(settings.redis_url), socket_timeout=timeout, socket_connect_timeout=timeout)
+            timeout = settings.redis_timeout
+            redis = Redis.from_url(
+                str(settings.redis_url), socket_timeout=timeout, socket_connect_timeout=timeout, retry=redis_retry()
+            )
+            # One breaker for every use of Redis: the rate limiter's own client and the service's.
+            redis_breaker = RedisBreaker(settings.redis_failure_threshold, settings.redis_retry_after)
+            redis_breaker.add_listener(health_cache.clear)
 
         mlflow = MlflowUpstream(
             mlflow_url,
@@ -78,15 +89,17 @@ class Runtime:
             authorization=upstream_authorization(settings),
             keepalive=settings.reuse_mlflow_connections,
         )
+        mlflow.breaker.add_listener(health_cache.clear)  # health never shows the state from before a transition
         analytics = ModelAnalytics.build(settings, mlflow, database)
         await analytics.start()
         registry = RegistryService(
             mlflow,
             database,
-            RegistryReadCache(settings.registry_cache_ttl, redis),
+            RegistryReadCache(settings.registry_cache_ttl, redis, redis_breaker),
             on_registered=analytics.impact.record_version,
+            locks=ModelLocks(redis),  # with Redis, every service process takes turns on a model
         )
-        dspy = DspyService(settings, database, analytics.predictions.loader)
+        dspy = DspyService(settings, database, analytics.model_files)
         await dspy.start()
         return cls(
             settings=settings,
@@ -95,12 +108,14 @@ class Runtime:
             mlflow=mlflow,
             embedded_mlflow=embedded,
             redis=redis,
-            rate_limiter=build_rate_limiter(settings),
+            redis_breaker=redis_breaker,
+            rate_limiter=build_rate_limiter(settings, redis_breaker),
             registry=registry,
             analytics=analytics,
             dspy=dspy,
             build=await anyio.to_thread.run_sync(read_build_info, settings),
             started_at=time.monotonic(),
+            health_cache=health_cache,
         )
 
     async def stop(self) -> None:
@@ -130,10 +145,11 @@ def build_breaker(settings: Settings) -> CircuitBreaker:
     return breaker
 
 
-def build_rate_limiter(settings: Settings) -> RequestRateLimiter:
+def build_rate_limiter(settings: Settings, redis_breaker: RedisBreaker | None = None) -> RequestRateLimiter:
     """In process without Redis; with HOKUSAI_REDIS_URL every server process shares one count."""
     options = {
         "default_per_hour": settings.rate_limit_default_per_hour,
+        "gateway_per_hour": settings.rate_limit_gateway_per_hour,
         "route_limits": route_limits(
             settings.rate_limit_registration,
             settings.rate_limit_lineage,
@@ -145,7 +161,8 @@ def build_rate_limiter(settings: Settings) -> RequestRateLimiter:
     }
     if settings.redis_url is None:
         return RequestRateLimiter.in_memory(**options)
-    return RequestRateLimiter.on_redis(str(settings.redis_url), settings.health_check_timeout, **options)
+    breaker = redis_breaker or RedisBreaker(settings.redis_failure_threshold, settings.redis_retry_after)
+    return RequestRateLimiter.on_redis(str(settings.redis_url), settings.redis_timeout, breaker, **options)
 
 
 def upstream_authorization(settings: Settings) -> str | None:

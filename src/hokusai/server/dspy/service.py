@@ -52,7 +52,7 @@ from hokusai.server.dspy.schemas import (
 from hokusai.server.dspy.signatures import parse_signature
 from hokusai.server.dspy.store import ExecutionOutcome, ExecutionStore, ProgramStore, RecordWriter
 from hokusai.server.errors import InvalidRequest, NotFound, Unprocessable
-from hokusai.server.registry.predictions import ModelLoader
+from hokusai.server.models.files import ModelFiles
 from hokusai.server.timestamps import iso
 
 logger = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ class ExecutionNotFound(NotFound):
 
 
 class DspyService:
-    def __init__(self, settings: Settings, database: Database, model_files: ModelLoader) -> None:
+    def __init__(self, settings: Settings, database: Database, model_files: ModelFiles) -> None:
         """`model_files` fetches MLflow model versions (pickled programs, when they are allowed)."""
         self._settings = settings
         self._model_files = model_files

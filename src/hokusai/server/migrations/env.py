@@ -4,7 +4,7 @@ from alembic import context
 from sqlalchemy import create_engine, pool
 
 from hokusai.server.db import Base
-from hokusai.server.models import import_all_models
+from hokusai.server.tables import import_all_models
 
 import_all_models()
 target_metadata = Base.metadata

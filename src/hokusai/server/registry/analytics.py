@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from hokusai.server.config import Settings
 from hokusai.server.db import Database
 from hokusai.server.mlflow.upstream import MlflowUpstream
+from hokusai.server.models.files import ModelFiles
+from hokusai.server.models.pool import ModelWorkerPool, WorkerLimits
 from hokusai.server.registry.comparison import ComparisonService
 from hokusai.server.registry.contributors import ContributionStore
 from hokusai.server.registry.evaluation import EvaluationService
@@ -14,7 +16,7 @@ from hokusai.server.registry.impact import ImpactService
 from hokusai.server.registry.lineage import LineageService
 from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.registry.performance import PerformanceService
-from hokusai.server.registry.predictions import ModelLoader, PredictionService, PredictionStore
+from hokusai.server.registry.predictions import PredictionService, PredictionStore
 from hokusai.server.registry.versions import MetricDirection, VersionReader
 
 
@@ -26,29 +28,46 @@ class ModelAnalytics:
     predictions: PredictionService
     lineage: LineageService
     impact: ImpactService
+    model_files: ModelFiles
+    model_workers: ModelWorkerPool
 
     @classmethod
     def build(cls, settings: Settings, upstream: MlflowUpstream, database: Database) -> ModelAnalytics:
         reader = VersionReader(MlflowApi(upstream), settings.evaluation_experiment)
         direction = MetricDirection(settings.lower_is_better)
         lineage = LineageService(reader, database, direction)
-        loader = ModelLoader(
-            upstream, settings.home / "model-cache", settings.prediction_cache_size, settings.model_cache_max_bytes
+        cache_dir = settings.home / "model-cache"
+        workers = ModelWorkerPool(
+            settings.model_workers,
+            cache_dir,
+            settings.home,
+            WorkerLimits(
+                memory_bytes=settings.model_worker_memory_bytes,
+                call_timeout=settings.model_call_timeout,
+                load_timeout=settings.model_load_timeout,
+                user=settings.model_worker_user,
+                network=settings.model_worker_network,
+            ),
         )
+        files = ModelFiles(upstream, cache_dir, settings.model_cache_max_bytes, in_use=workers.loaded_directories)
         prediction_store = PredictionStore(database)
         return cls(
             comparisons=ComparisonService(reader, direction, settings.compare_tolerance),
             evaluations=EvaluationService(
-                upstream, database, reader, loader, settings.datasets_root, settings.evaluation_sync_max_bytes
+                upstream, database, reader, files, workers, settings.datasets_root, settings.evaluation_sync_max_bytes
             ),
             performance=PerformanceService(reader, prediction_store, settings.production_metrics_window),
-            predictions=PredictionService(loader, prediction_store, settings.prediction_max_rows),
+            predictions=PredictionService(files, workers, prediction_store, settings.prediction_max_rows),
             lineage=lineage,
             impact=ImpactService(reader, lineage, ContributionStore(database), direction),
+            model_files=files,
+            model_workers=workers,
         )
 
     async def start(self) -> None:
+        await self.model_workers.start()
         await self.evaluations.start()
 
     async def aclose(self) -> None:
         await self.evaluations.aclose()
+        await self.model_workers.aclose()

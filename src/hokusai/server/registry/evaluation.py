@@ -1,6 +1,9 @@
 """Evaluating a model version on a dataset: scikit-learn metrics on the version's own predictions, logged to MLflow
 as a run tagged with the version (so compare and metrics see it), recorded in the service database.
 
+The predictions (and class probabilities) come from a model worker process (models/pool.py), the rows sent as Arrow;
+only the scoring of the returned arrays runs here.
+
 Datasets are files under HOKUSAI_DATASETS_DIR (CSV, Parquet, JSON lines) or MLflow artifact URIs; nothing else is
 read. Up to `sync_max_bytes` the evaluation runs within the request; beyond, the request answers 202 with an id and
 the evaluation runs in the background.
@@ -27,10 +30,13 @@ from sqlalchemy import select, update
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
 from hokusai.server.mlflow.upstream import MlflowUpstream
+from hokusai.server.models.files import ModelFiles
+from hokusai.server.models.pool import ModelSource, ModelWorkerPool
+from hokusai.server.models.protocol import frame_to_arrow
 from hokusai.server.registry.download import ArtifactFile, save_files, served_artifact_root
 from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.registry.models import EvaluationRow
-from hokusai.server.registry.predictions import LoadedModel, ModelLoader, predict_rows
+from hokusai.server.registry.predictions import model_source
 from hokusai.server.registry.registration import RUN_ARTIFACT
 from hokusai.server.registry.schemas import EvaluateRequest, Evaluation
 from hokusai.server.registry.versions import (
@@ -111,33 +117,46 @@ def read_dataset(path: Path, kind: str) -> tuple[Any, str]:
     return read_frame(path, kind), file_digest(path)
 
 
-def compute_metrics(model: LoadedModel, frame: Any, target: str, wanted: list[str]) -> dict[str, float]:
-    """Blocking (worker thread): the version's predictions on the dataset, scored with scikit-learn."""
-    import numpy as np
-    from sklearn import metrics as sk
-
+def split_target(frame: Any, target: str) -> tuple[Any, Any]:
+    """Blocking (worker thread): the features and the truth of a dataset."""
     if target not in frame.columns:
         raise InvalidRequest(
             f"target_column {target!r} is not in the dataset (columns: {', '.join(map(str, frame.columns))})"
         )
     if len(frame) == 0:
         raise InvalidRequest("The dataset holds no rows")
-    features, truth = frame.drop(columns=[target]), frame[target].to_numpy()
-    predicted = np.asarray(predict_rows(model, features))
+    return frame.drop(columns=[target]), frame[target].to_numpy()
+
+
+def encode_features(features: Any) -> tuple[str, bytes]:
+    """Blocking: the rows for a worker, as Arrow (dtypes kept), or as JSON records when a column mixes types Arrow
+    cannot hold in one column."""
+    import pyarrow as pa
+
+    try:
+        return "arrow", frame_to_arrow(features)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, pa.ArrowNotImplementedError):
+        return "json", features.to_json(orient="records").encode()
+
+
+def score(truth: Any, predictions: list[Any], probabilities: list[Any] | None, wanted: list[str]) -> dict[str, float]:
+    """Blocking (worker thread): the version's predictions (and class probabilities) scored with scikit-learn."""
+    import numpy as np
+    from sklearn import metrics as sk
+
+    predicted = np.asarray(predictions)
     if predicted.ndim > 1 and predicted.shape[1] == 1:
         predicted = predicted.ravel()
+    proba = np.asarray(probabilities, dtype=float) if probabilities is not None else None
     labels = set(np.unique(truth).tolist())
     average = "binary" if labels <= {0, 1} or labels <= {False, True} else "weighted"
-    probabilities = _probabilities(model, features) if PROBABILITY_METRICS & set(wanted) else None
     scorers = {
         "accuracy": lambda: sk.accuracy_score(truth, predicted),
         "precision": lambda: sk.precision_score(truth, predicted, average=average, zero_division=0),
         "recall": lambda: sk.recall_score(truth, predicted, average=average, zero_division=0),
         "f1_score": lambda: sk.f1_score(truth, predicted, average=average, zero_division=0),
-        "roc_auc": lambda: sk.roc_auc_score(
-            truth, probabilities[:, 1] if probabilities.shape[1] == 2 else probabilities, multi_class="ovr"
-        ),
-        "log_loss": lambda: sk.log_loss(truth, probabilities),
+        "roc_auc": lambda: sk.roc_auc_score(truth, proba[:, 1] if proba.shape[1] == 2 else proba, multi_class="ovr"),
+        "log_loss": lambda: sk.log_loss(truth, proba),
         "mse": lambda: sk.mean_squared_error(truth, predicted),
         "rmse": lambda: math.sqrt(sk.mean_squared_error(truth, predicted)),
         "mae": lambda: sk.mean_absolute_error(truth, predicted),
@@ -147,25 +166,11 @@ def compute_metrics(model: LoadedModel, frame: Any, target: str, wanted: list[st
     for metric in wanted:
         try:
             scores[metric] = float(scorers[metric]())
-        except (ValueError, TypeError) as exc:  # e.g. accuracy of continuous predictions
+        except (ValueError, TypeError, IndexError) as exc:  # e.g. accuracy of continuous predictions
             raise Unprocessable(
                 f"{metric} cannot be computed for these predictions: {str(exc).splitlines()[0]}"
             ) from exc
     return scores
-
-
-def _probabilities(model: LoadedModel, features: Any) -> Any:
-    """Class probabilities from the underlying estimator; pyfunc's predict gives labels only."""
-    try:
-        raw = model.pyfunc.get_raw_model()
-    except Exception:  # not every flavor exposes its raw model
-        raw = None
-    if raw is None or not hasattr(raw, "predict_proba"):
-        raise Unprocessable("roc_auc and log_loss need class probabilities, which this model does not give")
-    try:
-        return raw.predict_proba(features)
-    except Exception as exc:  # the estimator's own complaint
-        raise Unprocessable(f"The model could not give class probabilities: {str(exc).splitlines()[0]}") from exc
 
 
 class EvaluationService:
@@ -174,7 +179,8 @@ class EvaluationService:
         upstream: MlflowUpstream,
         database: Database,
         reader: VersionReader,
-        loader: ModelLoader,
+        files: ModelFiles,
+        pool: ModelWorkerPool,
         datasets_root: Path,
         sync_max_bytes: int,
     ) -> None:
@@ -182,7 +188,8 @@ class EvaluationService:
         self._api = MlflowApi(upstream)
         self._database = database
         self._reader = reader
-        self._loader = loader
+        self._files = files
+        self._pool = pool
         self._datasets_root = datasets_root
         self._sync_max_bytes = sync_max_bytes
         self._background: set[asyncio.Task] = set()
@@ -312,7 +319,7 @@ class EvaluationService:
 
     async def _measure(self, raw: dict[str, Any], dataset: DatasetLocation, request: EvaluateRequest) -> dict:
         started = time.perf_counter()
-        model = await self._loader.load(raw["name"], raw["version"])
+        source = await model_source(self._files, raw["name"], raw["version"])
         if dataset.local is not None:
             frame, digest = await anyio.to_thread.run_sync(read_dataset, dataset.local, dataset.kind)
         else:
@@ -323,7 +330,7 @@ class EvaluationService:
                 frame, digest = await anyio.to_thread.run_sync(read_dataset, scratch / file.path, dataset.kind)
             finally:  # a large dataset's removal is file I/O too: off the event loop
                 await anyio.to_thread.run_sync(shutil.rmtree, scratch, True)
-        scores = await anyio.to_thread.run_sync(compute_metrics, model, frame, request.target_column, request.metrics)
+        scores = await self._score(source, frame, request)
         duration = time.perf_counter() - started
         run_id = await self._log_run(raw, dataset, digest, len(frame), request, scores)
         return {
@@ -332,6 +339,15 @@ class EvaluationService:
             "run_id": run_id,
             "duration_seconds": round(duration, 3),
         }
+
+    async def _score(self, source: ModelSource, frame: Any, request: EvaluateRequest) -> dict[str, float]:
+        features, truth = await anyio.to_thread.run_sync(split_target, frame, request.target_column)
+        data_format, rows = await anyio.to_thread.run_sync(encode_features, features)
+        predictions = (await self._pool.run(source, "predict", data_format, rows)).data
+        probabilities = None
+        if PROBABILITY_METRICS & set(request.metrics):
+            probabilities = (await self._pool.run(source, "predict_proba", data_format, rows)).data
+        return await anyio.to_thread.run_sync(score, truth, predictions, probabilities, request.metrics)
 
     async def _log_run(
         self,

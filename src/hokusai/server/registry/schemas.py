@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+
+from hokusai.server.registry.inputs import (
+    MAX_ALIAS_LENGTH,
+    MAX_DESCRIPTION_LENGTH,
+    MAX_NAME_LENGTH,
+    MAX_TAG_KEY_LENGTH,
+    MAX_TAG_VALUE_LENGTH,
+    MAX_TAGS_PER_REQUEST,
+    canonical_version,
+    holdable_name,
+    name_problem,
+)
 
 Stage = Literal["None", "Staging", "Production", "Archived"]
 STAGES: dict[str, Stage] = {stage.lower(): stage for stage in ("None", "Staging", "Production", "Archived")}
@@ -32,17 +45,23 @@ class ModelVersionDetail(ModelVersionSummary):
     updated_at: int
 
 
-class ModelVersionUpdate(BaseModel):
-    description: str | None = Field(None, max_length=5000)
-    tags: dict[str, str | None] | None = Field(None, description="Merged into the version's tags; null removes a tag")
+def _tag_key(key: str) -> str:
+    if not key.strip() or len(key) > MAX_TAG_KEY_LENGTH:
+        raise ValueError(f"tag keys must be 1-{MAX_TAG_KEY_LENGTH} characters")
+    return key
 
-    @field_validator("tags")
-    @classmethod
-    def _tag_keys(cls, tags: dict[str, str | None] | None) -> dict[str, str | None] | None:
-        for key in tags or {}:
-            if not key.strip() or len(key) > 250:
-                raise ValueError(f"tag keys must be 1-250 characters: {key!r}")
-        return tags
+
+# Bounded as MLflow's columns are (each tag is one MLflow call, so their number is bounded too).
+TagKey = Annotated[str, AfterValidator(_tag_key)]
+TagValue = Annotated[str, Field(max_length=MAX_TAG_VALUE_LENGTH)]
+Description = Annotated[str, Field(max_length=MAX_DESCRIPTION_LENGTH)]
+
+
+class ModelVersionUpdate(BaseModel):
+    description: Description | None = None
+    tags: dict[TagKey, TagValue | None] | None = Field(
+        None, max_length=MAX_TAGS_PER_REQUEST, description="Merged into the version's tags; null removes a tag"
+    )
 
 
 def stage_in_any_case(value: object) -> object:
@@ -75,12 +94,21 @@ class Message(BaseModel):
 
 # --- batch ---------------------------------------------------------------------------------------------------
 
-MODEL_REFERENCE = r"^.+:[1-9][0-9]{0,17}$"  # "name:version", a version MLflow can hold
 MAX_BATCH_OPERATIONS = 100
 
 
 class _Operation(BaseModel):
-    model: str = Field(pattern=MODEL_REFERENCE, description='"name:version"')
+    model: str = Field(max_length=MAX_NAME_LENGTH + 11, description='"name:version"')
+
+    @field_validator("model")
+    @classmethod
+    def _model_version(cls, model: str) -> str:
+        """A name and a version MLflow can hold; the version written canonically (`m:007` -> `m:7`)."""
+        name, colon, version = model.rpartition(":")
+        number = canonical_version(version)
+        if not colon or not name or number is None or not holdable_name(name):
+            raise ValueError('expected "name:version" with a positive version number')
+        return f"{name}:{number}"
 
     @property
     def name(self) -> str:
@@ -99,27 +127,27 @@ class TransitionOperation(_Operation):
 
 class SetTagsOperation(_Operation):
     action: Literal["set_tags"]
-    tags: dict[str, str] = Field(min_length=1)
+    tags: dict[TagKey, TagValue] = Field(min_length=1, max_length=MAX_TAGS_PER_REQUEST)
 
 
 class DeleteTagsOperation(_Operation):
     action: Literal["delete_tags"]
-    keys: list[str] = Field(min_length=1)
+    keys: list[TagKey] = Field(min_length=1, max_length=MAX_TAGS_PER_REQUEST)
 
 
 class SetAliasOperation(_Operation):
     action: Literal["set_alias"]
-    alias: str = Field(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_-]+$")
+    alias: str = Field(min_length=1, max_length=MAX_ALIAS_LENGTH, pattern=r"^[A-Za-z0-9_-]+$")
 
 
 class DeleteAliasOperation(_Operation):
     action: Literal["delete_alias"]
-    alias: str = Field(min_length=1, max_length=255)
+    alias: str = Field(min_length=1, max_length=MAX_ALIAS_LENGTH)
 
 
 class UpdateDescriptionOperation(_Operation):
     action: Literal["update_description"]
-    description: str = Field(max_length=5000)
+    description: Description
 
 
 class DeleteVersionOperation(_Operation):
@@ -168,23 +196,41 @@ RESERVED_MODEL_NAMES = frozenset(
 )
 
 
+MAX_METADATA_ENTRIES = MAX_TAGS_PER_REQUEST - 2  # model_type and hokusai_model_id are tags too
+
+
 class RegisterRequest(BaseModel):
     model_data: str = Field(
-        min_length=1, description="runs:/..., models:/m-..., models:/name/version, mlflow-artifacts:/..."
+        min_length=1,
+        max_length=1000,
+        description="runs:/..., models:/m-..., models:/name/version, mlflow-artifacts:/...",
     )
     model_type: str = Field(min_length=1, max_length=100)
-    model_name: str | None = Field(None, min_length=1, max_length=256)
-    metadata: dict[str, Any] = Field(default_factory=dict, description="Becomes the version's tags")
+    model_name: str | None = Field(None, min_length=1, max_length=MAX_NAME_LENGTH)
+    metadata: dict[TagKey, Any] = Field(
+        default_factory=dict,
+        max_length=MAX_METADATA_ENTRIES,
+        description=f"Becomes the version's tags (each value as text or JSON, at most {MAX_TAG_VALUE_LENGTH} chars)",
+    )
 
     @field_validator("model_name")
     @classmethod
     def _addressable(cls, name: str | None) -> str | None:
         if name is not None:
-            if name.strip() != name or "/" in name or ":" in name:
-                raise ValueError("model names cannot contain '/', ':' or surrounding spaces")
+            if (problem := name_problem(name)) is not None:
+                raise ValueError(problem)
             if name.lower() in RESERVED_MODEL_NAMES:
                 raise ValueError(f"{name!r} is reserved: it is a fixed segment of /models/*")
         return name
+
+    @field_validator("metadata")
+    @classmethod
+    def _tag_values(cls, metadata: dict[str, Any]) -> dict[str, Any]:
+        for value in metadata.values():
+            text = value if isinstance(value, str) else json.dumps(value)
+            if len(text) > MAX_TAG_VALUE_LENGTH:
+                raise ValueError(f"metadata values are at most {MAX_TAG_VALUE_LENGTH} characters (as text or JSON)")
+        return metadata
 
 
 class RegisterResponse(BaseModel):
@@ -232,7 +278,9 @@ class PredictResponse(BaseModel):
     model: str
     predictions: list[Any]
     rows: int
-    latency_ms: float
+    latency_ms: float = Field(description="What the caller waited for, fetching and loading the model included")
+    loaded: bool = Field(False, description="The model was loaded (in a worker process) for this call")
+    load_ms: float | None = Field(None, description="Time to get a worker and load the model, when it was")
 
 
 class DateRange(BaseModel):
