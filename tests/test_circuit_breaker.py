@@ -120,3 +120,24 @@ def test_late_answers_from_before_the_opening_do_not_confuse_it(clock):
         breaker.record(permit, success=False)
     breaker.record(early[3], success=True)  # arrives after the breaker opened
     assert breaker.state is BreakerState.OPEN
+
+
+def test_only_answers_about_mlflow_itself_count(clock):
+    """502/503/504 are failures; a 500 (one request's input) neither counts nor resets the count; 4xx succeed."""
+    breaker = make(clock)
+    for _ in range(10):
+        breaker.record_answer(breaker.acquire(), 500)
+    assert breaker.state is BreakerState.CLOSED and breaker.snapshot().failure_count == 0
+    breaker.record_answer(breaker.acquire(), 502)
+    breaker.record_answer(breaker.acquire(), 503)
+    breaker.record_answer(breaker.acquire(), 500)  # in between: does not start the count again
+    assert breaker.snapshot().failure_count == 2
+    breaker.record_answer(breaker.acquire(), 504)
+    assert breaker.state is BreakerState.OPEN
+    clock.now += 10
+    probe = breaker.acquire()
+    breaker.record_answer(probe, 500)  # a probe answered 500: frees the slot, proves nothing
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.record_answer(breaker.acquire(), 404)
+    breaker.record_answer(breaker.acquire(), 200)
+    assert breaker.state is BreakerState.CLOSED

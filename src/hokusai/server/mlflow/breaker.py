@@ -4,6 +4,10 @@ CLOSED -> OPEN after `failure_threshold` consecutive failures. OPEN refuses call
 timeout has passed, then lets up to `half_open_max_calls` probes through (HALF_OPEN). `success_threshold`
 successful probes close it; a failed probe opens it again with the recovery timeout doubled, up to a cap.
 
+What counts as a failure is decided here, in `record_answer`: only what says MLflow itself is unwell (no
+connection, no answer in time, a 502/503/504). A 500 answers one request's input: any caller could send such
+input on purpose, so it must never move the breaker that every caller shares.
+
 A small state machine rather than a library: the maintained ones (pybreaker, aiobreaker, purgatory) either wrap
 whole coroutines, which does not fit a proxied response whose outcome is known once its headers arrive, or have
 no growing recovery timeout. The event loop is single-threaded and nothing here awaits, so no lock is needed.
@@ -53,6 +57,14 @@ class Permit:
 
 
 StateListener = Callable[[BreakerState, BreakerState], None]
+
+# MLflow (or a proxy in front of it) is down, overloaded or too slow: the answers that are about MLflow, not about
+# the request. Everything else it answers, 500 included, says MLflow is up and reading requests.
+UPSTREAM_FAULT_STATUSES = frozenset({502, 503, 504})
+
+
+def is_upstream_fault(status: int) -> bool:
+    return status in UPSTREAM_FAULT_STATUSES
 
 
 class CircuitBreaker:
@@ -128,6 +140,16 @@ class CircuitBreaker:
             self._on_success(permit)
         else:
             self._on_failure(permit)
+
+    def record_answer(self, permit: Permit, status: int) -> None:
+        """An HTTP answer from MLflow: 502/503/504 are failures; 2xx-4xx successes; any other 5xx (a 500 from one
+        request's input, a 501) tells nothing about MLflow as a whole, so it neither counts nor resets the count."""
+        if is_upstream_fault(status):
+            self.record(permit, success=False)
+        elif status < 500:
+            self.record(permit, success=True)
+        else:
+            self.release(permit)
 
     def release(self, permit: Permit) -> None:
         """The call ended without telling anything about MLflow (e.g. the client went away)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json as jsonlib
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from hokusai.server.errors import HokusaiError, ServiceUnavailable
-from hokusai.server.mlflow.breaker import CircuitBreaker
+from hokusai.server.mlflow.breaker import CircuitBreaker, Permit
 
 # A proxied request carries exactly the headers the client sent (minus the ones the gateway strips).
 NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
@@ -116,40 +117,71 @@ class MlflowUpstream:
     ) -> aiohttp.ClientResponse:
         """Send through the breaker and return the response with its body unread (the caller releases it).
 
-        5xx answers count as breaker failures but are returned; transport failures raise 502/504.
+        Every answer is returned, counted once its headers arrive by `CircuitBreaker.record_answer` (502/503/504
+        are failures, a 500 is not); transport failures (no connection, no answer in time) count as failures and
+        raise 502/504.
         """
         permit = self.breaker.acquire()
-        try:
-            response = await self.session.request(
-                method,
-                self.url_for(raw_path, query),
-                headers=self._headers(headers),
-                data=body,
-                skip_auto_headers=NO_AUTO_HEADERS,
-                allow_redirects=False,
-            )
-        except (TimeoutError, aiohttp.ServerTimeoutError):
-            self.breaker.record(permit, success=False)
-            raise UpstreamTimeout(self.timeout) from None
-        except aiohttp.ClientError:
-            self.breaker.record(permit, success=False)
-            raise UpstreamConnectFailed(self.base_url) from None
-        except BaseException:
-            self.breaker.release(permit)
-            raise
-        self.breaker.record(permit, success=response.status < 500)
+        response = await self._send(permit, method, raw_path, query, headers, body)
+        self.breaker.record_answer(permit, response.status)
         return response
 
     async def request(
         self, method: str, path: str, *, params: dict[str, str] | None = None, json: Any = None
     ) -> UpstreamResponse:
-        """A buffered call for service code (registry, analytics); `path` is relative to the upstream root."""
+        """A buffered call for service code (registry, analytics); `path` is relative to the upstream root.
+
+        Counted once the whole body has arrived: a body cut off by MLflow is a failure like a refused connection.
+        """
         query = URL.build(query=params).raw_query_string.encode() if params else b""
         headers = [("Content-Type", "application/json")] if json is not None else []
         body = jsonlib.dumps(json).encode() if json is not None else None
-        response = await self.open(method, path.encode(), query, headers, body)
-        content = await self.read_body(response)
+        permit = self.breaker.acquire()
+        response = await self._send(permit, method, path.encode(), query, headers, body)
+        try:
+            content = await self.read_body(response)
+        except (UpstreamTimeout, UpstreamConnectFailed):
+            self.breaker.record(permit, success=False)
+            raise
+        except BaseException:
+            self.breaker.release(permit)
+            raise
+        self.breaker.record_answer(permit, response.status)
         return UpstreamResponse(response.status, CIMultiDict(response.headers), content)
+
+    async def _send(
+        self, permit: Permit, method: str, raw_path: bytes, query: bytes, headers: list[tuple[str, str]], body: Any
+    ) -> aiohttp.ClientResponse:
+        """One admitted request; a transport failure is recorded against the permit and raised as 502/504.
+
+        A streamed body that fails on the client's side (a stalled or aborted upload) surfaces from aiohttp as a
+        connection error too: that is the caller's fault, not MLflow's, so it is raised as it was and not counted.
+        """
+        watched = _WatchedBody(body) if isinstance(body, AsyncIterator) else None
+        try:
+            return await self.session.request(
+                method,
+                self.url_for(raw_path, query),
+                headers=self._headers(headers),
+                data=watched if watched is not None else body,
+                skip_auto_headers=NO_AUTO_HEADERS,
+                allow_redirects=False,
+            )
+        except (TimeoutError, aiohttp.ServerTimeoutError):
+            raise self._transport_failure(permit, watched, UpstreamTimeout(self.timeout)) from None
+        except aiohttp.ClientError:
+            raise self._transport_failure(permit, watched, UpstreamConnectFailed(self.base_url)) from None
+        except BaseException:
+            self.breaker.release(permit)
+            raise
+
+    def _transport_failure(self, permit: Permit, watched: _WatchedBody | None, failure: HokusaiError) -> BaseException:
+        """What to raise for a failed send, and whether the breaker counts it: only if MLflow's side failed."""
+        if watched is not None and watched.failure is not None:
+            self.breaker.release(permit)
+            return watched.failure
+        self.breaker.record(permit, success=False)
+        return failure
 
     async def read_body(self, response: aiohttp.ClientResponse) -> bytes:
         """The whole body of a response from `open`, which is then released; failures as 504/502."""
@@ -208,3 +240,23 @@ class UpstreamFailed(HokusaiError):
 
     def __init__(self, status: int, message: str) -> None:
         super().__init__(f"MLflow server error ({status}): {message}")
+
+
+class _WatchedBody:
+    """A request body stream that remembers the exception it raised (the client's failure, not MLflow's)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes]) -> None:
+        self._chunks = chunks
+        self.failure: BaseException | None = None
+
+    def __aiter__(self) -> _WatchedBody:
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except StopAsyncIteration:
+            raise
+        except Exception as exc:  # whatever the client's side raised: kept, then raised again by _send
+            self.failure = exc
+            raise

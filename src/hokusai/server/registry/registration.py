@@ -19,12 +19,13 @@ from sqlalchemy.exc import IntegrityError
 
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import Conflict, InvalidRequest, NotFound
+from hokusai.server.registry.inputs import canonical_version, holdable_name
 from hokusai.server.registry.models import IdempotencyRow, ModelIdRow
 
 MlflowCall = Callable[..., Awaitable[dict[str, Any]]]
 MODEL_ID_TAG = "hokusai_model_id"
 LOGGED_MODEL = re.compile(r"^models:/(m-[0-9a-f]{32})$")
-MODEL_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>[1-9][0-9]*)$")
+MODEL_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>[0-9]+)$")
 RUN_ARTIFACT = re.compile(r"^runs:/(?P<run_id>[0-9a-f]{32})(?:/(?P<path>.*))?$")
 SERVED_RUN_ARTIFACT = re.compile(r"^mlflow-artifacts:/+[^/]+/(?P<run_id>[0-9a-f]{32})/artifacts(?:/(?P<path>.*))?$")
 SERVED_LOGGED_MODEL = re.compile(r"^mlflow-artifacts:/+[^/]+/models/(?P<model_id>m-[0-9a-f]{32})/artifacts/?$")
@@ -50,7 +51,9 @@ async def resolve_source(call: MlflowCall, model_data: str) -> ResolvedSource:
     if match := LOGGED_MODEL.match(model_data):
         return await _logged_model(call, match.group(1))
     if match := MODEL_VERSION.match(model_data):
-        name, version = match["name"], match["version"]
+        name, version = match["name"], canonical_version(match["version"])
+        if version is None or not holdable_name(name):  # MLflow would answer 500 (a number it cannot bind)
+            raise SourceNotFound(f"model version {name}:{match['version']}")
         found = await call(
             "GET",
             "/model-versions/get",

@@ -12,6 +12,7 @@ from hokusai.server.auth.keys import Scope
 from hokusai.server.auth.store import ApiKeyInfo
 from hokusai.server.errors import InvalidRequest
 from hokusai.server.registry.analytics import ModelAnalytics
+from hokusai.server.registry.inputs import MAX_NAME_LENGTH, MAX_PAGE_TOKEN_LENGTH, MAX_SQL_INTEGER
 from hokusai.server.registry.schemas import (
     BatchRequest,
     BatchResponse,
@@ -39,6 +40,7 @@ from hokusai.server.runtime import get_runtime
 
 read = require_scope(Scope.READ)
 write = require_scope(Scope.WRITE)
+REFERENCE_LENGTH = MAX_NAME_LENGTH + 257  # "name:version" or "name@alias"
 
 
 def registry(request: Request) -> RegistryService:
@@ -47,9 +49,9 @@ def registry(request: Request) -> RegistryService:
 
 async def list_models(
     request: Request,
-    name: str | None = Query(None, description="Only the versions of this model"),
+    name: str | None = Query(None, max_length=MAX_NAME_LENGTH, description="Only the versions of this model"),
     max_results: int = Query(100, ge=1, le=1000),
-    page_token: str | None = Query(None),
+    page_token: str | None = Query(None, max_length=MAX_PAGE_TOKEN_LENGTH, description="From the previous page"),
 ) -> ModelList:
     return await registry(request).list_versions(name, max_results, page_token)
 
@@ -110,10 +112,14 @@ def analytics(request: Request) -> ModelAnalytics:
 
 async def compare_models(
     request: Request,
-    model1: str = Query(..., description="Name:Version or Name@alias"),
-    model2: str = Query(..., description="Name:Version or Name@alias"),
-    metric: str | None = Query(None, description="The metric to recommend by; default: the benchmark metric"),
-    tolerance: float | None = Query(None, ge=0, description="Relative difference counted as equivalent"),
+    model1: str = Query(..., max_length=REFERENCE_LENGTH, description="Name:Version or Name@alias"),
+    model2: str = Query(..., max_length=REFERENCE_LENGTH, description="Name:Version or Name@alias"),
+    metric: str | None = Query(
+        None, max_length=250, description="The metric to recommend by; default: the benchmark metric"
+    ),
+    tolerance: float | None = Query(
+        None, ge=0, le=1e6, allow_inf_nan=False, description="Relative difference counted as equivalent"
+    ),
 ) -> Comparison:
     return await analytics(request).comparisons.compare(model1, model2, metric, tolerance)
 
@@ -135,7 +141,7 @@ async def contributor_impact(
     address: str,
     request: Request,
     limit: int = Query(100, ge=1, le=1000),
-    offset: int = Query(0, ge=0),
+    offset: int = Query(0, ge=0, le=MAX_SQL_INTEGER, description="Contributions to skip (newest first)"),
 ) -> ContributorImpact:
     return await analytics(request).impact.impact(address, limit, offset)
 
@@ -161,6 +167,9 @@ async def prediction_history(
 ) -> PredictionHistory:
     if start is not None and end is not None and start > end:
         raise InvalidRequest("start must not be after end")
+    # The first and last days there are mean "no bound" (the day after the last one cannot even be written).
+    start = None if start == date.min else start
+    end = None if end == date.max else end
     service = analytics(request)
     current = await registry(request).get_version(model_name, version)
     return await service.predictions.store.history(current.name, current.version, start, end)
@@ -178,9 +187,15 @@ def build_router(prefix: str) -> APIRouter:
     Fixed segments come first, so `production` or `register` is never taken for a model name.
     """
     router = APIRouter(tags=["models"])
-    router.add_api_route(
-        prefix + "/", list_models, methods=["GET"], response_model=ModelList, dependencies=[Depends(read)]
-    )
+    for path in (prefix + "/", prefix):  # `/models` is served too, not redirected (a 307 with an empty body)
+        router.add_api_route(
+            path,
+            list_models,
+            methods=["GET"],
+            response_model=ModelList,
+            dependencies=[Depends(read)],
+            include_in_schema=path.endswith("/"),
+        )
     router.add_api_route(
         prefix + "/register", register_model, methods=["POST"], response_model=RegisterResponse, status_code=201
     )

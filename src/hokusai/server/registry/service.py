@@ -29,6 +29,16 @@ from hokusai.server.registry.download import (
     served_artifact_root,
     zip_stream,
 )
+from hokusai.server.registry.inputs import (
+    MAX_SOURCE_LENGTH,
+    canonical_version,
+    filter_literal,
+    holdable_name,
+    list_literal,
+    name_problem,
+    page_token_problem,
+)
+from hokusai.server.registry.locks import ModelLocks
 from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.registry.models import StageTransitionRow
 from hokusai.server.registry.registration import IdempotencyStore, resolve_source, stable_model_id, version_tags
@@ -67,31 +77,25 @@ class ModelNotFound(NotFound):
         super().__init__(f"Model not found: {name}:{version}")
 
 
+# Names per `name IN (...)` call when reading aliases: keeps MLflow's request line well under 8 KB.
+ALIAS_FILTER_CHARS = 2000
+
+
 def quoted(value: str) -> str:
-    """A string literal for an MLflow filter that the value cannot break out of.
-
-    MLflow's filter parser strips the enclosing quotes and does not unescape anything inside, so the value is
-    enclosed in a quote character it does not contain; a value containing both kinds cannot be expressed.
-    """
-    for quote in ("'", '"'):
-        if quote not in value:
-            return f"{quote}{value}{quote}"
-    raise InvalidRequest("A model name containing both ' and \" cannot be searched in MLflow")
-
-
-MAX_VERSION_DIGITS = 18  # MLflow keeps versions as 64-bit integers; a longer number names no version
-
-
-def is_number(text: str) -> bool:
-    """ASCII digits only: str.isdigit() also accepts '²' (which int() refuses) and '٣' (which it reads as 3)."""
-    return text.isascii() and text.isdigit()
+    """A string literal for an MLflow filter that the value cannot break out of (see `inputs.filter_literal`)."""
+    literal = filter_literal(value)
+    if literal is None:
+        raise InvalidRequest("A model name containing both ' and \" cannot be searched in MLflow")
+    return literal
 
 
 def version_number(name: str, version: str) -> str:
-    """Versions are positive integers; anything else names no model version."""
-    if not is_number(version) or len(version.lstrip("0")) > MAX_VERSION_DIGITS or int(version) < 1:
+    """The one check of a (name, version) taken from a caller: a positive integer MLflow can hold, of a name it can
+    hold; anything else names no model version (404), and MLflow is not asked."""
+    canonical = canonical_version(version)
+    if canonical is None or not holdable_name(name):
         raise ModelNotFound(name, version)
-    return str(int(version))
+    return canonical
 
 
 def _tags(raw: list[dict[str, str]] | None) -> dict[str, str]:
@@ -128,9 +132,12 @@ class RegistryService:
         database: Database,
         cache: RegistryReadCache,
         on_registered: Callable[[str, str], Awaitable[object]] | None = None,
+        locks: ModelLocks | None = None,
     ) -> None:
-        """`on_registered(name, version)` runs after each registration that names contributors (their records)."""
+        """`on_registered(name, version)` runs after each registration that names contributors (their records);
+        `locks` serialize the changes to one model (in process unless given ones backed by Redis)."""
         self._upstream = upstream
+        self._locks = locks or ModelLocks()
         self._on_registered = on_registered
         self._mlflow = MlflowApi(upstream)
         self._database = database
@@ -154,6 +161,10 @@ class RegistryService:
         return answer
 
     async def list_versions(self, name: str | None, max_results: int, page_token: str | None) -> ModelList:
+        if page_token and (problem := page_token_problem(page_token)) is not None:
+            raise InvalidRequest(f"Invalid page_token: {problem}")
+        if name and not holdable_name(name):
+            return ModelList(models=[])  # no model can have that name: MLflow is not asked
         return await self._cached(
             ["list", name, max_results, page_token],
             ModelList,
@@ -180,20 +191,53 @@ class RegistryService:
         )
 
     async def _aliases(self, names: set[str]) -> dict[tuple[str, str], list[str]]:
-        """Aliases of every version of these models, in one call (model-versions/search does not return them)."""
-        if not names:
-            return {}
-        in_list = ", ".join(quoted(name) for name in sorted(names))
-        found = await self._mlflow(
-            "GET",
-            "/registered-models/search",
-            params={"filter": f"name IN ({in_list})", "max_results": str(PAGE_SIZE_LIMIT)},
+        """Aliases of every version of these models (model-versions/search does not return them).
+
+        Names are asked for in `name IN (...)` lists, a few calls side by side; a name no list literal can hold
+        (made straight in MLflow, with both quotes, a backslash or a control character) is read on its own with
+        registered-models/get, which takes it as a plain parameter. One odd name never fails the listing.
+        """
+        listable, odd = [], []
+        for name in sorted(names):
+            literal = list_literal(name)
+            (listable if literal is not None else odd).append(literal or name)
+        chunks: list[list[str]] = []
+        for literal in listable:
+            if not chunks or sum(len(item) + 2 for item in chunks[-1]) + len(literal) > ALIAS_FILTER_CHARS:
+                chunks.append([])
+            chunks[-1].append(literal)
+        found = await asyncio.gather(
+            *(self._models_in(chunk) for chunk in chunks), *(self._model_named(name) for name in odd)
         )
         aliases: dict[tuple[str, str], list[str]] = {}
-        for model in found.get("registered_models", []):
+        for model in (model for models in found for model in models):
             for alias in model.get("aliases", []):
                 aliases.setdefault((model["name"], alias["version"]), []).append(alias["alias"])
         return aliases
+
+    async def _models_in(self, literals: list[str]) -> list[dict[str, Any]]:
+        """The registered models named in one `IN` list; should MLflow refuse the list, each is read by name."""
+        try:
+            found = await self._mlflow(
+                "GET",
+                "/registered-models/search",
+                params={"filter": f"name IN ({', '.join(literals)})", "max_results": str(PAGE_SIZE_LIMIT)},
+            )
+        except InvalidRequest as exc:
+            logger.warning("MLflow refused a list of %d model names (%s): reading them one by one", len(literals), exc)
+            one_by_one = await asyncio.gather(*(self._model_named(literal[1:-1]) for literal in literals))
+            return [model for models in one_by_one for model in models]
+        return found.get("registered_models", [])
+
+    async def _model_named(self, name: str) -> list[dict[str, Any]]:
+        """The registered model of that name, or none when it is gone meanwhile (or MLflow cannot look it up)."""
+        found = await self._mlflow(
+            "GET",
+            "/registered-models/get",
+            params={"name": name},
+            tolerated=frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}),
+        )
+        return [found["registered_model"]] if "registered_model" in found else []
 
     async def get_version(self, name: str, version: str, fresh: bool = False) -> ModelVersionDetail:
         """One version; from the read cache unless `fresh` (what a write is based on is always read from MLflow)."""
@@ -211,7 +255,7 @@ class RegistryService:
         return await self._cached(["get", name, version], ModelVersionDetail, fetch, fresh=fresh)
 
     async def update_version(self, name: str, version: str, update: ModelVersionUpdate) -> ModelVersionDetail:
-        async with self._writing():
+        async with self._writing(name):
             return await self._update_version(name, version, update)
 
     async def _update_version(self, name: str, version: str, update: ModelVersionUpdate) -> ModelVersionDetail:
@@ -228,7 +272,7 @@ class RegistryService:
         return await self.get_version(name, current.version, fresh=True)
 
     async def delete_version(self, name: str, version: str) -> str:
-        async with self._writing():
+        async with self._writing(name):
             current = await self.get_version(name, version, fresh=True)
             await self._mlflow(
                 "DELETE",
@@ -241,8 +285,11 @@ class RegistryService:
     async def transition(
         self, name: str, version: str, stage: Stage, archive_existing: bool, key_id: str | None
     ) -> ModelVersionDetail:
-        """Move a version to a stage and keep the matching lowercase alias in step with it."""
-        async with self._writing():
+        """Move a version to a stage and keep the matching lowercase alias in step with it.
+
+        One change per model at a time (`ModelLocks`): with `archive_existing`, parallel transitions to Production
+        would otherwise each leave their own version there."""
+        async with self._writing(name):
             return await self._transition(name, version, stage, archive_existing, key_id)
 
     async def _transition(
@@ -293,7 +340,7 @@ class RegistryService:
         return zip_stream(self._upstream, plan)
 
     async def set_alias(self, name: str, version: str, alias: str) -> ModelVersionDetail:
-        async with self._writing():
+        async with self._writing(name):
             current = await self.get_version(name, version, fresh=True)
             await self._mlflow(
                 "POST", "/registered-models/alias", json={"name": name, "alias": alias, "version": current.version}
@@ -301,7 +348,7 @@ class RegistryService:
         return await self.get_version(name, current.version, fresh=True)
 
     async def delete_alias(self, name: str, version: str, alias: str) -> ModelVersionDetail:
-        async with self._writing():
+        async with self._writing(name):
             current = await self.get_version(name, version, fresh=True)
             if alias not in current.aliases:
                 raise InvalidRequest(f"Alias {alias!r} does not point to {name}:{current.version}")
@@ -309,10 +356,15 @@ class RegistryService:
         return await self.get_version(name, current.version, fresh=True)
 
     @asynccontextmanager
-    async def _writing(self) -> AsyncIterator[None]:
-        """Around every change: the read cache is dropped afterwards, whether the change completed or not."""
+    async def _writing(self, name: str | None = None) -> AsyncIterator[None]:
+        """Around every change: the model's lock held (when the name is known), and the read cache dropped
+        afterwards, whether the change completed or not."""
         try:
-            yield
+            if name is None:
+                yield
+            else:
+                async with self._locks.hold(name):
+                    yield
         finally:
             await self.cache.invalidate()
 
@@ -389,6 +441,10 @@ class RegistryService:
             raise Unprocessable(f"model_name is required: {request.model_data} carries no model name")
         if name.lower() in RESERVED_MODEL_NAMES:
             raise Unprocessable(f"{name!r} is reserved (a fixed segment of /models/*): give another model_name")
+        if (problem := name_problem(name)) is not None:  # a source's own name is checked like a given one
+            raise Unprocessable(f"{problem}: give another model_name")
+        if len(resolved.source) > MAX_SOURCE_LENGTH:
+            raise Unprocessable(f"The model's location is longer than MLflow keeps ({MAX_SOURCE_LENGTH} characters)")
         await self._mlflow(
             "POST",
             "/registered-models/create",
@@ -443,6 +499,8 @@ class RegistryService:
 
     async def _entered_production(self, versions: set[tuple[str, str]]) -> dict[tuple[str, str], datetime]:
         """When each version last entered Production through this service (one query for all of them)."""
+        # A name with NUL cannot be in the database (PostgreSQL text cannot hold it), and cannot be bound to a query.
+        versions = {(name, version) for name, version in versions if "\x00" not in name}
         if not versions:
             return {}
         query = (

@@ -1,0 +1,90 @@
+"""ModelLocks: changes to one registered model, one at a time.
+
+A transition with `archive_existing` reads the versions in a stage and moves them: two such transitions at once both
+see the other's version still where it was, and both stay in Production. MLflow takes no lock for this, so the
+service does: an asyncio.Lock per model name within the process, and, with Redis configured, a Redis lock per name
+so that every service process takes turns too. Writes made straight through the MLflow gateway are not serialized.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from hokusai.server.errors import Conflict
+
+logger = logging.getLogger(__name__)
+
+LOCK_PREFIX = "hokusai:model-lock:"
+# A holder that dies keeps the Redis lock at most this long; a change is a handful of MLflow calls.
+LOCK_TTL_SECONDS = 60.0
+# How long a change waits for its turn before it is answered 409 (it then changed nothing).
+WAIT_SECONDS = 30.0
+
+
+class ModelBusy(Conflict):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Another change to model {name!r} is still in progress; retry")
+
+
+class ModelLocks:
+    def __init__(self, redis: Redis | None = None, ttl: float = LOCK_TTL_SECONDS, wait: float = WAIT_SECONDS) -> None:
+        self._redis = redis
+        self._ttl = ttl
+        self._wait = wait
+        # name -> (lock, users): an entry lives while someone holds or waits for it, so the map stays bounded.
+        self._local: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @asynccontextmanager
+    async def hold(self, name: str) -> AsyncIterator[None]:
+        """The model's lock for the duration of the block; ModelBusy (409) when the turn does not come in time."""
+        lock, users = self._local.get(name, (asyncio.Lock(), 0))
+        self._local[name] = (lock, users + 1)
+        try:
+            try:
+                async with asyncio.timeout(self._wait):
+                    await lock.acquire()
+            except TimeoutError:
+                raise ModelBusy(name) from None
+            try:
+                async with self._shared(name):
+                    yield
+            finally:
+                lock.release()
+        finally:
+            lock, users = self._local[name]
+            if users > 1:
+                self._local[name] = (lock, users - 1)
+            else:
+                del self._local[name]
+
+    @asynccontextmanager
+    async def _shared(self, name: str) -> AsyncIterator[None]:
+        """The Redis lock of the name, when Redis is configured. Redis unreachable: the process lock alone (logged),
+        as the rate limits fail open; a change is then only serialized within this process."""
+        if self._redis is None:
+            yield
+            return
+        key = LOCK_PREFIX + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+        lock = self._redis.lock(key, timeout=self._ttl, blocking_timeout=self._wait, sleep=0.02)
+        try:
+            acquired = await lock.acquire()
+        except RedisError as exc:
+            logger.warning("Model lock not taken in Redis (%s): serialized within this process only", exc)
+            yield
+            return
+        if not acquired:
+            raise ModelBusy(name)
+        try:
+            yield
+        finally:
+            try:
+                await lock.release()
+            except RedisError as exc:  # expired meanwhile, or Redis went away: the TTL frees it
+                logger.warning("Model lock not released in Redis: %s", exc)
