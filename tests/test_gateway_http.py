@@ -174,7 +174,7 @@ def test_upstream_timeout_is_504_with_the_real_figure(recorded_service):
     key = create_key(recorded_service, ["read"])
     with recorded_service.client(key) as client:
         started = time.monotonic()
-        response = client.get("/mlflow/slow")
+        response = client.get("/mlflow/api/2.0/mlflow-artifacts/artifacts/slow")
         waited = time.monotonic() - started
     assert response.status_code == 504
     assert response.json()["detail"] == "MLflow server request timeout after 1s"

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from hokusai.server.auth.keys import Scope
-from hokusai.server.errors import InvalidRequest
+from hokusai.server.errors import InvalidRequest, PermissionDenied
 from hokusai.server.mlflow.gateway import (
     forwarded_request_headers,
     forwarded_response_headers,
@@ -25,7 +27,6 @@ from hokusai.server.mlflow.gateway import (
         ("POST", "/api/2.0/mlflow/logged-models/search", Scope.READ),
         ("POST", "/api/3.0/mlflow/traces/search", Scope.READ),
         ("POST", "/ajax-api/2.0/mlflow/experiments/search-datasets", Scope.READ),
-        ("POST", "/api/2.0/mlflow/traces/batch-get", Scope.READ),
         ("POST", "/api/2.0/mlflow/runs/create", Scope.WRITE),
         ("POST", "/api/2.0/mlflow/runs/log-metric", Scope.WRITE),
         ("POST", "/api/2.0/mlflow/registered-models/create", Scope.WRITE),
@@ -33,11 +34,79 @@ from hokusai.server.mlflow.gateway import (
         ("PUT", "/api/2.0/mlflow-artifacts/artifacts/0/a.bin", Scope.WRITE),
         ("PATCH", "/api/2.0/mlflow/registered-models/update", Scope.WRITE),
         ("DELETE", "/api/2.0/mlflow/registered-models/alias", Scope.WRITE),
-        ("POST", "/api/2.0/mlflow/logged-models/m-1/finalize", Scope.WRITE),
+        # Named like reads, but they create or change (the verb heuristic let a read key through).
+        ("POST", "/api/3.0/mlflow/review-queues/get-or-create-user", Scope.WRITE),
+        ("POST", "/ajax-api/3.0/mlflow/review-queues/get-or-create-user", Scope.WRITE),
+        # Reads MLflow's UI and client send as POST (the heuristic refused them to read keys).
+        ("POST", "/api/3.0/mlflow/traces/batchGetInfos", Scope.READ),
+        ("POST", "/ajax-api/3.0/mlflow/traces/metrics", Scope.READ),
+        ("POST", "/api/3.0/mlflow/traces/calculate-filter-correlation", Scope.READ),
+        ("POST", "/api/2.0/mlflow/artifacts/presigned-download-url", Scope.READ),
+        ("POST", "/api/2.0/mlflow/registered-models/get-latest-versions", Scope.READ),
+        # Path parameters, artifact paths with slashes, the decoded spelling MLflow routes on.
+        ("GET", "/api/3.0/mlflow/traces/tr-123", Scope.READ),
+        ("GET", "/api/3.0/mlflow/traces/batchGet", Scope.READ),
+        ("DELETE", "/api/3.0/mlflow/traces/tr-1/assessments/a-1", Scope.WRITE),
+        ("GET", "/api/2.0/mlflow-artifacts/artifacts/1/abc/artifacts/model/MLmodel", Scope.READ),
+        ("PUT", "/api/2.0/mlflow-artifacts/artifacts/1/abc/a%20b/c.txt", Scope.WRITE),
+        ("POST", "/api/2.0/mlflow/runs%2Fcreate", Scope.WRITE),
+        # The UI's own files.
+        ("GET", "/", Scope.READ),
+        ("GET", "/static-files/static/js/main.js", Scope.READ),
+        ("OPTIONS", "/api/2.0/mlflow/runs/create", Scope.READ),
+        # Server-wide configuration and things that make the server act on its own.
+        ("POST", "/api/3.0/mlflow/gateway/secrets/create", Scope.ADMIN),
+        ("GET", "/ajax-api/3.0/mlflow/gateway/secrets/list", Scope.ADMIN),
+        ("POST", "/api/2.0/mlflow/webhooks", Scope.ADMIN),
+        ("POST", "/ajax-api/3.0/jobs/", Scope.ADMIN),
+        ("POST", "/api/3.0/mlflow/workspaces", Scope.ADMIN),
+        ("POST", "/api/3.0/mlflow/gateway/endpoints/create", Scope.ADMIN),
+        ("GET", "/api/3.0/mlflow/gateway/endpoints/list", Scope.READ),
     ],
 )
 def test_required_scope(method, path, scope):
     assert required_scope(method, path) is scope
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("POST", "/api/2.0/mlflow/traces/batch-get"),  # not an MLflow route (the heuristic called it a read)
+        ("POST", "/api/2.0/mlflow/logged-models/m-1/finalize"),  # finalize is PATCH logged-models/{model_id}
+        ("DELETE", "/api/2.0/mlflow/runs/get"),
+        ("GET", "/api/2.0/mlflow/no-such-route"),
+        ("OPTIONS", "/not/served"),
+    ],
+)
+def test_a_route_the_table_does_not_classify_is_refused(method, path):
+    with pytest.raises(PermissionDenied, match="not classified"):
+        required_scope(method, path)
+
+
+@pytest.mark.parametrize(
+    ("query", "scope"),
+    [
+        ('query SearchRuns { mlflowSearchRuns(input: {experimentIds: ["0"]}) { runs { info { runId } } } }', "read"),
+        ('{ test(inputString: "x") { output } }', "read"),
+        ('mutation { testMutation(inputString: "x") { output } }', "write"),
+        # Every operation counts, whichever operationName picks.
+        ("query A { test { output } } mutation B { testMutation { output } }", "write"),
+        ("subscription S { test { output } }", "write"),
+    ],
+)
+def test_graphql_scope_is_the_operations(query, scope):
+    body = json.dumps({"query": query, "operationName": None}).encode()
+    assert required_scope("POST", "/graphql", body) is Scope(scope)
+    assert required_scope("GET", "/graphql", body) is Scope(scope)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [None, b"", b"not json", b"[1]", b'{"query": 1}', b'{"query": "query {"}', b'{"query": "fragment F on T { a }"}'],
+)
+def test_unreadable_graphql_is_a_bad_request(body):
+    with pytest.raises(InvalidRequest):
+        required_scope("POST", "/graphql", body)
 
 
 def test_prefix_is_rewritten_and_encoding_kept():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 import re
 from datetime import UTC, datetime
 
@@ -9,6 +11,7 @@ import httpx
 import pytest
 
 from hokusai.server.mlflow.embedded import free_loopback_port
+from tests.support import RecordingUpstream
 
 PUBLIC_PATHS = ["/health", "/ready", "/live", "/version", "/metrics", "/docs", "/redoc", "/openapi.json"]
 
@@ -73,7 +76,8 @@ def test_version_settings_win(start_service, mlflow_server):
 
 def test_metrics_are_prometheus_text_with_bounded_labels(client, service):
     client.get("/health")
-    client.get("/models/some-secret-model-name/1")  # no such route yet: must not become a label
+    client.get("/models/some-secret-model-name/1")  # labelled by its template, never by the name
+    client.get("/no-such-route/some-secret-model-name")  # unmatched: one label for every such path
     with service.client(service.admin_key) as admin:
         admin.get("/api/v1/keys")
     response = client.get("/metrics")
@@ -143,3 +147,42 @@ def test_service_on_postgres(start_service, mlflow_server, postgres_url):
         created = admin.post("/api/v1/keys", json={"name": "pg", "scopes": ["admin"]}).json()
     with service.client(created["key"]) as client:
         assert client.get("/api/v1/keys").status_code == 200
+
+
+def _concurrently(base_url: str, path: str, count: int) -> list[httpx.Response]:
+    async def run() -> list[httpx.Response]:
+        limits = httpx.Limits(max_connections=count)
+        async with httpx.AsyncClient(base_url=base_url, limits=limits, timeout=60) as client:
+            return list(await asyncio.gather(*(client.get(path) for _ in range(count))))
+
+    return asyncio.run(run())
+
+
+def test_anonymous_health_loops_share_one_check(start_service):
+    """50 concurrent anonymous calls of each public health route run each check about once, not 50 times
+    (the detailed one makes seven MLflow calls a run). Counted where it costs: calls reaching MLflow."""
+    upstream = RecordingUpstream()
+    try:
+        service = start_service(mlflow_url=upstream.url, health_cache_ttl="5")
+        only_detailed = "/api/2.0/mlflow/experiments/get?experiment_id=0"  # a probe only the detailed check makes
+        only_basic = "/api/2.0/mlflow-artifacts/artifacts?path="  # basic and detailed checks both make this one
+        before = upstream.paths()
+
+        detailed = _concurrently(service.base_url, "/mlflow/health/mlflow/detailed", 50)
+        assert {r.status_code for r in detailed} == {200}
+        assert len({json.dumps(r.json()["tests"]) for r in detailed}) == 1  # one run's results, shared
+        basic = _concurrently(service.base_url, "/api/health/mlflow", 50)
+        assert {r.status_code for r in basic} == {200}
+        health = _concurrently(service.base_url, "/health", 50)
+        assert {r.json()["status"] for r in health} == {"healthy"}
+
+        new = upstream.paths()[len(before) :]
+        assert 1 <= new.count(only_detailed) <= 2, new.count(only_detailed)
+        assert 2 <= new.count(only_basic) <= 4, new.count(only_basic)  # one detailed run, one basic run
+        assert 1 <= new.count("/health") <= 3  # MLflow's /health: the services check and the basic check
+        with httpx.Client(base_url=service.base_url) as client:
+            metrics = client.get("/metrics").text
+        runs = re.search(r'hokusai_health_check_runs_total\{check="mlflow_detailed"\} (\d+)', metrics)
+        assert runs is not None and 1 <= float(runs.group(1)) <= 2
+    finally:
+        upstream.close()

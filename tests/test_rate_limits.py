@@ -233,3 +233,24 @@ def test_registration_policy_counts_both_prefixes(start_service, mlflow_server):
         assert statuses == [400, 400, 400, 429]  # refused or not, each attempt is a registration request
         other = client.get("/models/", params={"name": "limited"})
     assert other.status_code == 200 and other.headers["x-ratelimit-limit"] == "100"
+
+
+def test_a_separate_gateway_budget_when_configured(start_service, mlflow_server):
+    """HOKUSAI_RATE_LIMIT_GATEWAY_PER_HOUR: a training run's tracking calls do not spend the key's API budget."""
+    service = start_service(
+        mlflow_url=mlflow_server.url, rate_limit_default_per_hour="3", rate_limit_gateway_per_hour="6"
+    )
+    start_well_inside_window(3600)
+    key = new_key(service)
+    for _ in range(6):
+        assert call(service, key).status_code == 200
+    assert_refused(call(service, key, "/api/mlflow"))  # both gateway prefixes spend the gateway budget
+    with service.client(key) as client:
+        for _ in range(3):
+            assert client.get("/models/").status_code == 200  # the key's own budget is untouched
+        assert_refused(client.get("/models/"))
+    own_limit = new_key(service, rate_limit_per_hour=2)  # a key's own limit covers all of its traffic
+    assert call(service, own_limit).status_code == 200
+    with service.client(own_limit) as client:
+        assert client.get("/models/").status_code == 200
+    assert_refused(call(service, own_limit))

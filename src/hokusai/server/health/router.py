@@ -28,7 +28,8 @@ from hokusai.server.health.schemas import (
 )
 from hokusai.server.health.service import overall_status, run_checks, services_summary
 from hokusai.server.mlflow.breaker import BreakerState
-from hokusai.server.runtime import get_runtime
+from hokusai.server.mlflow.upstream import ProbeResult
+from hokusai.server.runtime import Runtime, get_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ async def metrics() -> Response:
 async def mlflow_connection(request: Request) -> JSONResponse:
     runtime = get_runtime(request)
     state = runtime.mlflow.breaker.state
-    probe = await runtime.mlflow.probe("GET", "/health", runtime.settings.health_check_timeout)
+    probe = await _mlflow_probe(runtime)
     body: dict = {"connected": probe.ok, "circuit_breaker_state": state.value}
     healthy = probe.ok and state is not BreakerState.OPEN
     if not healthy:
@@ -141,6 +142,8 @@ async def service_status(request: Request) -> dict:
                 "times_opened": breaker.times_opened,
             },
         },
+        # Present with Redis configured: whether calls skip it now (its breaker), and how often they have.
+        "redis": _redis_status(runtime, summary.get("redis", "disabled")),
         "system_info": {
             # System-wide CPU use since the previous call (primed at import), memory in use.
             "cpu_percent": psutil.cpu_percent(interval=None),
@@ -155,12 +158,35 @@ async def service_status(request: Request) -> dict:
 psutil.cpu_percent(interval=None)  # the first reading only sets the baseline
 
 
+def _redis_status(runtime: Runtime, status: str) -> dict:
+    if runtime.redis_breaker is None:
+        return {"status": status}
+    breaker = runtime.redis_breaker.snapshot()
+    return {
+        "status": status,
+        "circuit_breaker": {
+            "state": breaker.state,
+            "consecutive_failures": breaker.consecutive_failures,
+            "times_opened": breaker.times_opened,
+            "skipped_calls": breaker.skipped_calls,
+            "seconds_until_retry": breaker.seconds_until_retry,
+        },
+    }
+
+
 # --- MLflow health family: probes that report, around the breaker ------------------------------------------
+# Public and each worth one to seven MLflow calls: answered from the health cache (one run per check per TTL).
+
+
+async def _mlflow_probe(runtime: Runtime) -> ProbeResult:
+    timeout = runtime.settings.health_check_timeout
+    return await runtime.health_cache.get("mlflow_probe", lambda: runtime.mlflow.probe("GET", "/health", timeout))
 
 
 async def _mlflow_health(request: Request) -> JSONResponse:
     runtime = get_runtime(request)
-    checks = await basic_checks(runtime.mlflow, runtime.settings.health_check_timeout)
+    timeout = runtime.settings.health_check_timeout
+    checks = await runtime.health_cache.get("mlflow_basic", lambda: basic_checks(runtime.mlflow, timeout))
     healthy = all(check["status"] == "healthy" for check in checks.values())
     body = MlflowHealth(
         status="healthy" if healthy else "unhealthy", mlflow_server=runtime.mlflow.base_url, checks=checks
@@ -170,7 +196,8 @@ async def _mlflow_health(request: Request) -> JSONResponse:
 
 async def _mlflow_detailed(request: Request) -> MlflowDetailedHealth:
     runtime = get_runtime(request)
-    tests = await detailed_checks(runtime.mlflow, runtime.settings.health_check_timeout)
+    timeout = runtime.settings.health_check_timeout
+    tests = await runtime.health_cache.get("mlflow_detailed", lambda: detailed_checks(runtime.mlflow, timeout))
     artifacts = next(test for test in tests if test["endpoint"] == "artifacts_list")
     return MlflowDetailedHealth(
         mlflow_server=runtime.mlflow.base_url,
@@ -188,7 +215,7 @@ async def _mlflow_detailed(request: Request) -> MlflowDetailedHealth:
 
 async def _mlflow_connectivity(request: Request) -> MlflowConnectivity:
     runtime = get_runtime(request)
-    probe = await runtime.mlflow.probe("GET", "/health", runtime.settings.health_check_timeout)
+    probe = await _mlflow_probe(runtime)
     status = "connected" if probe.ok else "timeout" if probe.timed_out else "error"
     return MlflowConnectivity(
         status=status,

@@ -8,6 +8,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from redis.exceptions import RedisError
+
 from hokusai.server.runtime import Runtime
 
 CheckStatus = Literal["healthy", "unhealthy", "disabled"]
@@ -44,21 +46,43 @@ def _describe(exc: Exception) -> str:
 
 
 async def run_checks(runtime: Runtime) -> list[CheckResult]:
-    """Database and MLflow are critical (the service cannot serve without them); Redis is not."""
+    """Database and MLflow are critical (the service cannot serve without them); Redis is not.
+
+    Answered from the health cache: public routes (/health, /ready, /health/status) share one run per TTL.
+    """
+    return await runtime.health_cache.get("services", lambda: _run_checks_now(runtime))
+
+
+async def _run_checks_now(runtime: Runtime) -> list[CheckResult]:
     timeout = runtime.settings.health_check_timeout
     probes = [
         _timed("database", True, runtime.database.ping, timeout),
         _timed("mlflow", True, lambda: runtime.mlflow.ping(timeout), timeout),
     ]
     if runtime.redis is not None:
-        redis = runtime.redis
-        probes.append(_timed("redis", False, lambda: redis.ping(), timeout))
+        probes.append(_timed("redis", False, lambda: _ping_redis(runtime), timeout))
     results = list(await asyncio.gather(*probes))
     if runtime.redis is None:
         results.append(CheckResult("redis", "disabled", False))
     # No message broker is wired into the service yet: reported as such rather than invented.
     results.append(CheckResult("message_queue", "disabled", False))
     return results
+
+
+async def _ping_redis(runtime: Runtime) -> None:
+    """A ping through the Redis breaker: while it is open Redis is reported down without waiting on it."""
+    assert runtime.redis is not None
+    breaker = runtime.redis_breaker
+    if breaker is None:
+        await runtime.redis.ping()
+        return
+    breaker.check()
+    try:
+        await runtime.redis.ping()
+    except RedisError as exc:
+        breaker.record_failure(exc)
+        raise
+    breaker.record_success()
 
 
 def overall_status(results: list[CheckResult]) -> OverallStatus:

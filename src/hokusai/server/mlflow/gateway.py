@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, unquote_to_bytes, urlencode
+from urllib.parse import unquote, unquote_to_bytes
 
 from hokusai.server.auth.keys import Scope
-from hokusai.server.errors import InvalidRequest
+from hokusai.server.errors import InvalidRequest, PermissionDenied
+from hokusai.server.mlflow.scopes import GRAPHQL, MLFLOW_SCOPES, graphql_scope
 
-READ_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
-# MLflow's read endpoints that are POSTs: experiments/search, runs/search, logged-models/search, traces/search,
-# experiments/search-datasets, traces/batch-get ...
-READ_POST_ACTIONS = ("search", "get")
+UNCLASSIFIED_ROUTE = "This MLflow route is not classified for the gateway; it is refused until it is reviewed"
 
 HOP_BY_HOP = frozenset(
     {
@@ -50,16 +48,23 @@ RESPONSE_HEADERS_DROPPED = HOP_BY_HOP | frozenset({"server", "date", "set-cookie
 KEY_QUERY_PARAMETER = "api_key"
 
 
-def required_scope(method: str, upstream_path: str) -> Scope:
-    """Reads (GET, and POST search/get style calls) need `read`; anything that creates, updates or deletes `write`."""
-    if method in READ_METHODS:
-        return Scope.READ
-    action = upstream_path.rstrip("/").rsplit("/", 1)[-1].lower()
-    if method == "POST" and any(
-        action == verb or action.startswith(f"{verb}-") or action.endswith(f"-{verb}") for verb in READ_POST_ACTIONS
-    ):
-        return Scope.READ
-    return Scope.WRITE
+def required_scope(method: str, upstream_path: str, body: bytes | None = None) -> Scope:
+    """The scope MLflow's route needs, from the reviewed table (scopes.py); for GraphQL, that of the operation in
+    `body`. `upstream_path` is the raw path: it is decoded once, as MLflow's server decodes it before routing.
+    A route the table does not classify is refused (PermissionDenied)."""
+    rule = MLFLOW_SCOPES.lookup(method, unquote(upstream_path))
+    if rule is None:
+        raise PermissionDenied(UNCLASSIFIED_ROUTE)
+    if rule == GRAPHQL:
+        if body is None:
+            raise InvalidRequest("GraphQL request body must be JSON")
+        return graphql_scope(body)
+    return rule
+
+
+def scope_depends_on_body(method: str, upstream_path: str) -> bool:
+    """Whether `required_scope` needs the request body (GraphQL: the operation decides)."""
+    return MLFLOW_SCOPES.lookup(method, unquote(upstream_path)) == GRAPHQL
 
 
 def upstream_raw_path(raw_path: bytes, prefix: str) -> bytes:
@@ -96,11 +101,24 @@ def _refuse_unsafe(path: bytes) -> None:
 
 
 def upstream_query(raw_query: bytes) -> bytes:
-    """The query string minus any api_key (the client's credential); untouched when there is none."""
-    if KEY_QUERY_PARAMETER.encode() not in raw_query.lower():
-        return raw_query
-    pairs = parse_qsl(raw_query.decode("latin-1"), keep_blank_values=True)
-    return urlencode([(k, v) for k, v in pairs if k.lower() != KEY_QUERY_PARAMETER]).encode("latin-1")
+    """The query string minus the client's credential, however its name is spelled (`api_key`, `api%5Fkey`,
+    `API_KEY`, `%61pi_key`...); every other parameter is forwarded byte for byte."""
+    if b"%" not in raw_query and b"key" not in raw_query.lower():
+        return raw_query  # the common case: nothing that could name a key
+    pairs = raw_query.split(b"&")
+    kept = [pair for pair in pairs if not _names_the_key(pair.split(b"=", 1)[0])]
+    return raw_query if len(kept) == len(pairs) else b"&".join(kept)
+
+
+def _names_the_key(name: bytes) -> bool:
+    """Whether a raw parameter name is `api_key` once decoded, as Starlette decodes it to authenticate (once) or
+    as anything downstream might (again): decoded until it no longer changes, in any case, spaces around."""
+    for _ in range(4):
+        decoded = unquote_to_bytes(name.replace(b"+", b" "))
+        if decoded == name:
+            break
+        name = decoded
+    return name.strip().lower() == KEY_QUERY_PARAMETER.encode()
 
 
 def forwarded_request_headers(

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import aiohttp
 from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hokusai.server.auth.dependencies import authenticate
@@ -30,6 +30,7 @@ from hokusai.server.mlflow.gateway import (
     forwarded_request_headers,
     forwarded_response_headers,
     required_scope,
+    scope_depends_on_body,
     upstream_query,
     upstream_raw_path,
 )
@@ -54,6 +55,15 @@ DOWNLOAD_CHUNK_BYTES = 1024 * 1024  # bounded: at most this much of a download i
 ROUTES = {prefix: GatewayRoute(f"{prefix}/{{path:path}}") for prefix in GATEWAY_PREFIXES}
 
 
+class ScopedBodyTooLarge(HokusaiError):
+    """A body the gateway must read to decide the scope (GraphQL) is larger than it reads."""
+
+    status_code = 413
+
+    def __init__(self) -> None:
+        super().__init__(f"GraphQL request body is larger than {SMALL_BODY_BYTES} bytes")
+
+
 def changes_registry(upstream_path: bytes) -> bool:
     """A write to registered models or versions: what /models answers may have changed."""
     return b"/registered-models" in upstream_path or b"/model-versions" in upstream_path
@@ -73,6 +83,11 @@ class MlflowGateway:
         self.app = app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"] in GATEWAY_PREFIXES:
+            # `/mlflow` is MLflow's UI root without its slash (what people type): send them to it.
+            query = scope.get("query_string", b"").decode("latin-1")
+            await RedirectResponse(scope["path"] + "/" + (f"?{query}" if query else ""))(scope, receive, send)
+            return
         prefix = gateway_prefix(scope["path"]) if scope["type"] == "http" else None
         if prefix is None:
             await self.app(scope, receive, send)
@@ -91,9 +106,18 @@ async def forward(request: Request, prefix: str, key: ApiKeyInfo) -> Response:
     upstream = runtime.mlflow
     scope = request.scope
     path = upstream_raw_path(scope.get("raw_path") or scope["path"].encode(), prefix)
-    needed = required_scope(request.method, path.decode("latin-1"))
+    route_path = path.decode("latin-1")
+    body: bytes | AsyncIterator[bytes] | None
+    if scope_depends_on_body(request.method, route_path):
+        body = await _bounded_body(request)  # read before the scope check, then forwarded as read
+        needed = required_scope(request.method, route_path, body)
+    else:
+        needed = required_scope(request.method, route_path)
+        body = None
     if not grants(key.scopes, needed):
         raise PermissionDenied(f"This API key lacks the '{needed.value}' scope")
+    if body is None:
+        body = await _body(request)
 
     headers = forwarded_request_headers(
         scope["headers"],
@@ -103,9 +127,9 @@ async def forward(request: Request, prefix: str, key: ApiKeyInfo) -> Response:
         prefix=prefix,
     )
     upstream_response = await upstream.open(
-        request.method, path, upstream_query(scope.get("query_string", b"")), headers, body=await _body(request)
+        request.method, path, upstream_query(scope.get("query_string", b"")), headers, body=body
     )
-    if needed is KeyScope.WRITE and changes_registry(path):
+    if needed is not KeyScope.READ and changes_registry(path):
         await runtime.registry.cache.invalidate()
     if _declared_length(upstream_response.headers.get("content-length")) <= SMALL_BODY_BYTES:
         # Small JSON answers (most MLflow calls) go out in one message: streaming costs more than it saves here.
@@ -128,6 +152,20 @@ async def _body(request: Request) -> bytes | AsyncIterator[bytes] | None:
     if _declared_length(length) <= SMALL_BODY_BYTES:
         return await request.body()
     return request.stream()
+
+
+async def _bounded_body(request: Request) -> bytes:
+    """The whole body, refused (413) past SMALL_BODY_BYTES: by its Content-Length, or as it arrives (chunked)."""
+    length = request.headers.get("content-length")
+    if length is not None and _declared_length(length) > SMALL_BODY_BYTES:
+        raise ScopedBodyTooLarge()
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > SMALL_BODY_BYTES:
+            raise ScopedBodyTooLarge()
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _declared_length(value: str | None) -> int:

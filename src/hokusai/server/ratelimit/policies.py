@@ -47,17 +47,27 @@ def hourly_limit(amount: int) -> RateLimitItem:
     return RateLimitItemPerHour(amount)
 
 
+GATEWAY_ROUTE_PREFIX = " /mlflow/"
+
+
 def key_policies(
     key_id: str,
     key_limit_per_hour: int | None,
     default_per_hour: int,
     route: str | None,
     route_limits: dict[str, RateLimitItem],
+    gateway_per_hour: int | None = None,
 ) -> list[Policy]:
-    """The key's hourly budget (its own override or the default), plus the route's policy if it has one."""
+    """The key's hourly budget (its own override or the default), plus the route's policy if it has one.
+
+    With `gateway_per_hour`, MLflow gateway calls of a key without its own limit are counted in a budget of their
+    own (a training run makes hundreds of tracking calls); a key's own limit always covers all its traffic."""
     policies = []
     if route is not None and route in route_limits:
         policies.append(Policy("route", route_limits[route], f"route:{key_id}:{route}"))
+    if key_limit_per_hour is None and gateway_per_hour is not None and route and GATEWAY_ROUTE_PREFIX in route:
+        policies.append(Policy("gateway", hourly_limit(gateway_per_hour), f"gateway:{key_id}"))
+        return policies
     hourly = hourly_limit(key_limit_per_hour or default_per_hour)
     policies.append(Policy("key", hourly, f"key:{key_id}"))
     return policies

@@ -22,6 +22,7 @@ from limits.errors import StorageError
 
 from hokusai.server.errors import HokusaiError, ServiceUnavailable
 from hokusai.server.ratelimit.policies import Policy, key_policies
+from hokusai.server.redis_breaker import RedisBreaker, RedisSkipped, redis_retry
 
 logger = logging.getLogger(__name__)
 STORAGE_WARNING_INTERVAL = 60.0
@@ -71,10 +72,14 @@ class RequestRateLimiter:
         route_limits: dict[str, RateLimitItem],
         auth_failure_limit: RateLimitItem,
         fail_open: bool,
+        breaker: RedisBreaker | None = None,
+        gateway_per_hour: int | None = None,
     ) -> None:
         self.storage = storage
+        self.breaker = breaker
         self._limiter = SlidingWindowCounterRateLimiter(storage)
         self.default_per_hour = default_per_hour
+        self.gateway_per_hour = gateway_per_hour
         self.route_limits = route_limits
         self.auth_failure_limit = auth_failure_limit
         self.fail_open = fail_open
@@ -85,7 +90,9 @@ class RequestRateLimiter:
         return cls(MemoryStorage(), **options)
 
     @classmethod
-    def on_redis(cls, redis_url: str, timeout: float, **options) -> RequestRateLimiter:
+    def on_redis(cls, redis_url: str, timeout: float, breaker: RedisBreaker, **options) -> RequestRateLimiter:
+        """`limits` builds its own Redis client (and pool): it gets the same short timeouts and single retry as
+        the service's, so a stalled Redis costs a request at most two timeouts before the breaker opens."""
         storage = RedisStorage(
             "async+" + redis_url,
             implementation="redispy",
@@ -93,8 +100,9 @@ class RequestRateLimiter:
             key_prefix="hokusai-ratelimit",
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            retry=redis_retry(),
         )
-        return cls(storage, **options)
+        return cls(storage, breaker=breaker, **options)
 
     async def hit_key(self, key_id: str, key_limit_per_hour: int | None, route: str | None) -> dict[str, str]:
         """Count one request of this key; the headers to send, or RateLimited (429) when a policy is spent.
@@ -102,8 +110,11 @@ class RequestRateLimiter:
         A refused hit is not counted in the policy that refused it, and the route policy (the tighter one) is
         checked first, so a request refused there does not spend the key's hourly budget either.
         """
-        policies = key_policies(key_id, key_limit_per_hour, self.default_per_hour, route, self.route_limits)
+        policies = key_policies(
+            key_id, key_limit_per_hour, self.default_per_hour, route, self.route_limits, self.gateway_per_hour
+        )
         try:
+            self._check_breaker()
             states, refused = [], None
             for policy in policies:
                 allowed = await self._limiter.hit(policy.item, policy.counter)
@@ -112,8 +123,9 @@ class RequestRateLimiter:
                 if not allowed:
                     refused = policy
                     break
-        except StorageError as exc:
+        except (StorageError, RedisSkipped) as exc:
             return self._storage_failed(exc)
+        self._storage_answered()
         now = time.time()
         headers = rate_limit_headers(states, now)
         if refused is not None:
@@ -132,16 +144,29 @@ class RequestRateLimiter:
     async def _auth_failures(self, address: str, count: bool) -> None:
         check = self._limiter.hit if count else self._limiter.test
         try:
+            self._check_breaker()
             if await check(self.auth_failure_limit, AUTH_FAILURES, address):
+                self._storage_answered()
                 return
             stats = await self._limiter.get_window_stats(self.auth_failure_limit, AUTH_FAILURES, address)
-        except StorageError as exc:
+        except (StorageError, RedisSkipped) as exc:
             self._storage_failed(exc)
             return
+        self._storage_answered()
         raise RateLimited({"Retry-After": str(max(1, math.ceil(stats.reset_time - time.time())))})
+
+    def _check_breaker(self) -> None:
+        if self.breaker is not None:
+            self.breaker.check()
+
+    def _storage_answered(self) -> None:
+        if self.breaker is not None:
+            self.breaker.record_success()
 
     def _storage_failed(self, exc: Exception) -> dict[str, str]:
         """Fail open (serve, warn at most once a minute) or closed (503), as configured."""
+        if self.breaker is not None and not isinstance(exc, RedisSkipped):
+            self.breaker.record_failure(exc)
         now = time.monotonic()
         if now - self._last_storage_warning >= STORAGE_WARNING_INTERVAL:
             self._last_storage_warning = now
