@@ -16,7 +16,9 @@ from hokusai.server.errors import install_error_handlers
 from hokusai.server.health.router import router as health_router
 from hokusai.server.middleware import RequestContextMiddleware
 from hokusai.server.mlflow.proxy import MlflowGateway
+from hokusai.server.openapi import install_openapi
 from hokusai.server.registry.router import build_router as build_registry_router
+from hokusai.server.request_bounds import RequestBoundsMiddleware
 from hokusai.server.runtime import AdminKeyAnnouncer, Runtime
 
 
@@ -53,6 +55,12 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
     app.include_router(dspy_router)
     for prefix in ("/models", "/api/models"):  # the production base URL is /api
         app.include_router(build_registry_router(prefix))
-    app.add_middleware(MlflowGateway)  # /mlflow/* and /api/mlflow/*, inside the request context below
+    install_openapi(app)  # security schemes, 401/403/429 of guarded routes, the gateway
+    # The last added runs first: request context (ids, access log) -> bounds (identify before the body, size and
+    # idle bounds) -> the gateway (/mlflow/* and /api/mlflow/*) -> the routes.
+    app.add_middleware(MlflowGateway)
+    app.add_middleware(
+        RequestBoundsMiddleware, max_body_bytes=settings.max_body_bytes, body_read_timeout=settings.body_read_timeout
+    )
     app.add_middleware(RequestContextMiddleware)
     return app

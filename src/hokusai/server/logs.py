@@ -10,11 +10,28 @@ request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 
 # Anything shaped like one of our keys is masked, whatever logger or library produced the line.
 _KEY_SHAPE = re.compile(r"hk_(live|test)_[0-9A-Za-z]{4,}")
-_QUERY_KEY = re.compile(r"(api_key=)[^&\s\"']*", re.IGNORECASE)
+_QUERY_KEY = re.compile(r"(api(?:_|%5f)key=)[^&\s\"']*", re.IGNORECASE)
+
+# Control characters (C0 but tab and newline, DEL, C1) and Unicode line breaks are written as escapes, and every line
+# after a record's first (a traceback, a multi-line message) is indented: a line at column 0 always starts a record,
+# whatever a message holds. A request path such as /models/x%0d%0aFORGED cannot forge a line of its own.
+_CONTROLS = [code for code in (*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029) if code not in (0x09, 0x0A)]
+_CONTROL_ESCAPES = {code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" for code in _CONTROLS}
+CONTINUATION_INDENT = "    "
 
 
 def redact(text: str) -> str:
     return _QUERY_KEY.sub(r"\1[REDACTED]", _KEY_SHAPE.sub(r"hk_\1_[REDACTED]", text))
+
+
+def single_line(text: str) -> str:
+    """Control characters as escapes, newlines included: for values that belong on one line (a request path)."""
+    return text.translate(_CONTROL_ESCAPES).replace("\n", "\\x0a")
+
+
+def escape_for_log(text: str) -> str:
+    """A formatted record: control characters escaped, continuation lines indented."""
+    return text.translate(_CONTROL_ESCAPES).replace("\n", "\n" + CONTINUATION_INDENT)
 
 
 class RequestContextFilter(logging.Filter):
@@ -24,8 +41,10 @@ class RequestContextFilter(logging.Filter):
 
 
 class RedactingFormatter(logging.Formatter):
+    """Masks keys, and keeps a line at column 0 for the start of a record, whatever a message holds."""
+
     def format(self, record: logging.LogRecord) -> str:
-        return redact(super().format(record))
+        return redact(escape_for_log(super().format(record)))
 
 
 def configure_logging(level: str) -> None:

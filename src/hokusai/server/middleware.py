@@ -16,7 +16,7 @@ from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hokusai.server.errors import INTERNAL_ERROR_DETAIL
-from hokusai.server.logs import request_id_var
+from hokusai.server.logs import request_id_var, single_line
 from hokusai.server.metrics import UNMATCHED_ROUTE, observe_request
 
 logger = logging.getLogger("hokusai.request")
@@ -74,15 +74,17 @@ class RequestContextMiddleware:
         try:
             await self.app(scope, receive, send_with_headers)
         except Exception:
-            logger.exception("Unhandled error serving %s %s", scope["method"], scope["path"])
+            logger.exception("Unhandled error serving %s %s", scope["method"], single_line(scope["path"]))
             if not response["started"]:
                 await _send_internal_error(send_with_headers)
         finally:
             elapsed = time.perf_counter() - started_at
             route = scope.get("route")
             observe_request(getattr(route, "path", UNMATCHED_ROUTE), scope["method"], response["status"], elapsed)
-            # The path only: query strings may carry an api_key.
-            access_logger.info("%s %s %s %.1fms", scope["method"], scope["path"], response["status"], elapsed * 1000)
+            # The path only (query strings may carry an api_key), on one line whatever it decodes to.
+            access_logger.info(
+                "%s %s %s %.1fms", scope["method"], single_line(scope["path"]), response["status"], elapsed * 1000
+            )
             request_id_var.reset(token)
 
 

@@ -80,4 +80,6 @@ def require_scope(scope: Scope) -> Callable[..., Awaitable[ApiKeyInfo]]:
         return key
 
     scope_guard.__name__ = f"require_{scope.value}_scope"
+    # Read by RequestBoundsMiddleware: a guarded route's caller is authenticated before its body is read.
+    scope_guard.required_scope = scope  # type: ignore[attr-defined]
     return scope_guard
