@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 
 import pytest
@@ -9,7 +10,7 @@ from sqlalchemy import inspect
 
 from hokusai.server.auth.keys import Scope, generate_api_key, hash_api_key
 from hokusai.server.auth.service import ApiKeyService, ensure_admin_key
-from hokusai.server.auth.store import ApiKeyNotFound, ApiKeyStore
+from hokusai.server.auth.store import ApiKeyNotFound, ApiKeyStore, LastAdminKey
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, run_migrations
 from hokusai.server.errors import InvalidApiKey, InvalidRequest
@@ -66,6 +67,8 @@ async def test_create_find_list_revoke(store):
         {"name": " ", "scopes": {Scope.READ}},
         {"name": "x", "scopes": set()},
         {"name": "x", "scopes": {Scope.READ}, "rate_limit_per_hour": 0},
+        {"name": "x", "scopes": {Scope.READ}, "rate_limit_per_hour": 2**31},  # beyond the INTEGER column
+        {"name": "x" * 201, "scopes": {Scope.READ}},
         {"name": "x", "scopes": {Scope.READ}, "expires_in": timedelta(seconds=-1)},
         {"name": "x", "scopes": {Scope.READ}, "key": "hk_live_nope"},
     ],
@@ -79,7 +82,7 @@ async def test_invalid_keys_are_refused_and_nothing_is_stored(store, kwargs):
 async def test_service_caches_by_hash_and_forgets_on_revoke(store):
     now = [0.0]
     service = ApiKeyService(store, cache_ttl=5, clock=lambda: now[0])
-    created = await store.create("cached", {Scope.ADMIN})
+    created = await store.create("cached", {Scope.READ})
     first = await service.authenticate(created.key)
     assert first.last_used_at is None  # recorded in the database, the cached copy is the one read before
     assert (await store.get(created.info.id)).last_used_at is not None
@@ -106,3 +109,45 @@ async def test_bootstrap_with_a_supplied_key_writes_nothing(store, tmp_path):
     assert await ensure_admin_key(store, supplied, tmp_path / "admin-key") is None
     assert not (tmp_path / "admin-key").exists()
     assert (await store.find_by_hash(hash_api_key(supplied))).scopes == {Scope.ADMIN}
+
+
+async def test_the_last_active_admin_key_cannot_be_revoked(store):
+    reader = await store.create("reader", {Scope.READ})
+    expired_admin = await store.create("expired admin", {Scope.ADMIN}, expires_in=timedelta(seconds=1))
+    first = await store.create("first admin", {Scope.ADMIN, Scope.READ})
+    second = await store.create("second admin", {Scope.ADMIN})
+    await asyncio.sleep(1.1)  # the expired admin key no longer counts as an admin
+    assert (await store.revoke(first.info.id)).revoked_at is not None
+    with pytest.raises(LastAdminKey) as refused:
+        await store.revoke(second.info.id)
+    assert refused.value.status_code == 409
+    assert (await store.get(second.info.id)).revoked_at is None
+    assert (await store.revoke(expired_admin.info.id)).revoked_at is not None  # not active: no admin lost
+    assert (await store.revoke(reader.info.id)).revoked_at is not None
+    assert (await store.revoke(first.info.id)).revoked_at is not None  # revoking again is still fine
+
+
+async def test_concurrent_revocations_keep_one_admin_key(store):
+    for _ in range(5):
+        admins = [await store.create(f"admin {n}", {Scope.ADMIN}) for n in range(2)]
+        outcomes = await asyncio.gather(*(store.revoke(a.info.id) for a in admins), return_exceptions=True)
+        assert sorted(type(outcome).__name__ for outcome in outcomes) == ["ApiKeyInfo", "LastAdminKey"], outcomes
+        active = [info for info in await store.list() if info.revoked_at is None]
+        assert len(active) == 1
+        # leave no admin behind for the next round: a fresh pair starts it
+        await store.create("spare", {Scope.ADMIN})
+        await store.revoke(active[0].id)
+        spare = [info for info in await store.list() if info.revoked_at is None]
+        assert len(spare) == 1
+        await _revoke_directly(store, spare[0].id)
+
+
+async def _revoke_directly(store, key_id: str) -> None:
+    """Revoke without the last-admin rule, to reset the table between rounds."""
+    from sqlalchemy import update
+
+    from hokusai.server.auth.models import ApiKeyRow
+    from hokusai.server.db import utcnow
+
+    async with store._database.session() as session, session.begin():
+        await session.execute(update(ApiKeyRow).where(ApiKeyRow.id == key_id).values(revoked_at=utcnow()))

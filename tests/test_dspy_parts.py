@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import sys
 from datetime import UTC, datetime
 from typing import Literal, Optional
@@ -10,7 +11,14 @@ import pytest
 from dspy.clients import base_lm
 
 from hokusai.server.config import Settings
-from hokusai.server.dspy.executor import LanguageModels, RunnableProgram, build_declared, check_inputs, run_program
+from hokusai.server.dspy.executor import (
+    LanguageModels,
+    RunnableProgram,
+    _in_flight,
+    build_declared,
+    check_inputs,
+    run_program,
+)
 from hokusai.server.dspy.models import DspyProgramRow
 from hokusai.server.dspy.schemas import ProgramDeclaration
 from hokusai.server.dspy.signatures import parse_signature
@@ -52,6 +60,13 @@ def test_signatures_become_allow_listed_types():
         ("demos -> y", "reserved by DSPy"),
         ("question, config -> answer", "reserved by DSPy"),
         ("x -> instructions", "reserved by DSPy"),
+        # Python's own parser recurses on these: RecursionError/MemoryError (a 500) before the length bound
+        ("x: " + "1+" * 2400 + "1 -> y", "longer than 300"),
+        ("x: " + "-" * 4900 + "1 -> y", "longer than 300"),
+        ("x: " + "a." * 2400 + "a -> y", "longer than 300"),
+        ("x: " + "list[" * 1000 + "str" + "]" * 1000 + " -> y", "longer than 5000"),
+        ("x: " + "a." * 140 + "a -> y", "not allowed"),  # within the bound: refused, and not unparsed
+        ("x: str\x00 -> y", "cannot be read"),
     ],
 )
 def test_signatures_outside_the_allow_list_are_refused_without_importing(signature, words):
@@ -151,3 +166,45 @@ async def test_executions_leave_no_history_behind():
         assert len(base_lm.GLOBAL_HISTORY) == before and lm.history == [] and fake.requests == 5
     finally:
         fake.stop()
+
+
+@pytest.mark.anyio
+async def test_language_models_are_kept_up_to_the_cache_size_and_evicted_ones_closed(monkeypatch):
+    """Every distinct LM setting a program declares built a dspy.LM that stayed forever (+91 MB per 3,000)."""
+    closed = []
+
+    async def record_close(lm):
+        closed.append(lm)
+
+    monkeypatch.setattr("dspy.LM.aclose", record_close)
+    settings = Settings(dspy_lm="openai/m", dspy_api_base="http://127.0.0.1:9", dspy_lm_cache_size=4)
+    models = LanguageModels(settings)
+    first = models.for_program({"temperature": 0.0})
+    assert models.for_program({"temperature": 0.0}) is first
+    made = [models.for_program({"temperature": n / 100, "max_tokens": 10}) for n in range(1, 200)]
+    assert len(models) == 4
+    assert models.for_program({"temperature": 199 / 100, "max_tokens": 10}) is made[-1]  # recent ones stay
+    await asyncio.sleep(0)  # the closes run as tasks
+    assert len(closed) == 196 and first in closed and made[-1] not in closed
+    await models.aclose()
+    assert len(closed) == 200
+
+
+@pytest.mark.anyio
+async def test_an_evicted_language_model_is_closed_only_after_its_calls(monkeypatch):
+    closed = []
+
+    async def record_close(lm):
+        closed.append(lm)
+
+    monkeypatch.setattr("dspy.LM.aclose", record_close)
+    settings = Settings(dspy_lm="openai/m", dspy_api_base="http://127.0.0.1:9", dspy_lm_cache_size=1)
+    models = LanguageModels(settings)
+    busy = models.for_program(None)
+    with _in_flight(busy):  # what run_program does around a call
+        models.for_program({"temperature": 0.5})  # evicts `busy` while its call runs
+        await asyncio.sleep(0)
+        assert busy not in closed
+    models.for_program({"temperature": 0.7})
+    await asyncio.sleep(0)
+    assert busy in closed

@@ -7,6 +7,7 @@ from fastapi import APIRouter, Depends, Request, status
 from hokusai.server.auth.dependencies import require_scope
 from hokusai.server.auth.keys import Scope
 from hokusai.server.auth.schemas import ApiKeyCreate, ApiKeyCreated, ApiKeyRevoked, ApiKeyView
+from hokusai.server.errors import ErrorDetail
 from hokusai.server.runtime import get_runtime
 
 router = APIRouter(prefix="/api/v1/keys", tags=["api keys"], dependencies=[Depends(require_scope(Scope.ADMIN))])
@@ -25,7 +26,14 @@ async def list_keys(request: Request) -> list[ApiKeyView]:
     return [ApiKeyView.of(info) for info in await get_runtime(request).api_keys.list()]
 
 
-@router.delete("/{key_id}", response_model=ApiKeyRevoked)
+@router.delete(
+    "/{key_id}",
+    response_model=ApiKeyRevoked,
+    responses={
+        404: {"model": ErrorDetail, "description": "No such key"},
+        409: {"model": ErrorDetail, "description": "The last active admin key cannot be revoked"},
+    },
+)
 async def revoke_key(key_id: str, request: Request) -> ApiKeyRevoked:
     info = await get_runtime(request).api_keys.revoke(key_id)
     return ApiKeyRevoked(message=f"API key {key_id} revoked", key=ApiKeyView.of(info))

@@ -7,13 +7,15 @@ from datetime import datetime
 from pydantic import BaseModel, Field
 
 from hokusai.server.auth.keys import Scope
-from hokusai.server.auth.store import ApiKeyInfo
+from hokusai.server.auth.store import MAX_RATE_LIMIT_PER_HOUR, ApiKeyInfo
 
 
 class ApiKeyCreate(BaseModel):
     name: str = Field(min_length=1, max_length=200)
-    scopes: list[Scope] = Field(default_factory=lambda: [Scope.READ], min_length=1)
-    rate_limit_per_hour: int | None = Field(None, ge=1, description="null = the service default")
+    scopes: list[Scope] = Field(default_factory=lambda: [Scope.READ], min_length=1, max_length=len(Scope))
+    rate_limit_per_hour: int | None = Field(
+        None, ge=1, le=MAX_RATE_LIMIT_PER_HOUR, description="null = the service default"
+    )
     expires_in_days: int | None = Field(None, ge=1, le=3650)
 
 

@@ -6,7 +6,9 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, select, update
+from sqlalchemy import String, cast, func, or_, select, update
+from sqlalchemy.orm import aliased
+from sqlalchemy.sql.elements import ColumnElement
 
 from hokusai.server.auth.keys import (
     KeyKind,
@@ -18,7 +20,11 @@ from hokusai.server.auth.keys import (
 )
 from hokusai.server.auth.models import ApiKeyRow
 from hokusai.server.db import Database, utcnow
-from hokusai.server.errors import InvalidRequest, NotFound
+from hokusai.server.errors import Conflict, InvalidRequest, NotFound
+
+# rate_limit_per_hour is an INTEGER column: 32 bits on PostgreSQL. Anything above cannot be stored (and an hour
+# has far fewer requests in it anyway).
+MAX_RATE_LIMIT_PER_HOUR = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,26 @@ class ApiKeyNotFound(NotFound):
         super().__init__(f"API key not found: {key_id}")
 
 
+class LastAdminKey(Conflict):
+    def __init__(self, key_id: str) -> None:
+        super().__init__(
+            f"API key {key_id} is the last active admin key: create another admin key before revoking this one"
+        )
+
+
+def _active_admin(now: datetime, table: type[ApiKeyRow] = ApiKeyRow) -> ColumnElement[bool]:
+    """SQL for "an unrevoked, unexpired key with the admin scope", the same on SQLite and PostgreSQL.
+
+    Scopes are stored as a JSON array of scope names (`["admin", "read"]`); matching the quoted name in its
+    text is exact because the names come from a closed set.
+    """
+    return (
+        table.revoked_at.is_(None)
+        & or_(table.expires_at.is_(None), table.expires_at > now)
+        & cast(table.scopes, String).like(f'%"{Scope.ADMIN.value}"%')
+    )
+
+
 class ApiKeyStore:
     def __init__(self, database: Database) -> None:
         self._database = database
@@ -84,8 +110,10 @@ class ApiKeyStore:
             raise InvalidRequest("API key name must not be empty")
         if not scopes:
             raise InvalidRequest("An API key needs at least one scope")
-        if rate_limit_per_hour is not None and rate_limit_per_hour < 1:
-            raise InvalidRequest("rate_limit_per_hour must be a positive integer")
+        if rate_limit_per_hour is not None and not 1 <= rate_limit_per_hour <= MAX_RATE_LIMIT_PER_HOUR:
+            raise InvalidRequest(f"rate_limit_per_hour must be an integer from 1 to {MAX_RATE_LIMIT_PER_HOUR}")
+        if len(name.strip()) > ApiKeyRow.name.type.length:
+            raise InvalidRequest(f"API key name must be at most {ApiKeyRow.name.type.length} characters")
         if expires_in is not None and expires_in <= timedelta(0):
             raise InvalidRequest("expiry must be in the future")
         if key is not None and not is_well_formed(key):
@@ -128,13 +156,35 @@ class ApiKeyStore:
             return int(await session.scalar(select(func.count()).select_from(ApiKeyRow)) or 0)
 
     async def revoke(self, key_id: str) -> ApiKeyInfo:
-        """Revoke a key; revoking it again keeps the first revocation time."""
+        """Revoke a key; revoking it again keeps the first revocation time. The last active admin key stays
+        (LastAdminKey, 409): without it nobody could manage keys over HTTP any more.
+
+        Race-safe: two revocations of the last two admin keys cannot both succeed. On PostgreSQL the active admin
+        rows are locked (in id order, so concurrent revocations queue instead of deadlocking) before counting;
+        on SQLite, which has no row locks, the count is a subquery of the one UPDATE statement, and a statement
+        runs under the database's write lock.
+        """
+        now = utcnow()
         async with self._database.session() as session, session.begin():
-            row = await session.get(ApiKeyRow, key_id, with_for_update=True)
+            await session.execute(
+                select(ApiKeyRow.id).where(_active_admin(now)).order_by(ApiKeyRow.id).with_for_update()
+            )
+            row = await session.get(ApiKeyRow, key_id, with_for_update=True, populate_existing=True)
             if row is None:
                 raise ApiKeyNotFound(key_id)
-            if row.revoked_at is None:
-                row.revoked_at = utcnow()
+            if row.revoked_at is not None:
+                return ApiKeyInfo.from_row(row)
+            condition = (ApiKeyRow.id == key_id) & ApiKeyRow.revoked_at.is_(None)
+            if ApiKeyInfo.from_row(row).is_active(now) and Scope.ADMIN.value in row.scopes:
+                other = aliased(ApiKeyRow)  # an alias: the subquery must count the table, not correlate to the row
+                active_admins = select(func.count()).select_from(other).where(_active_admin(now, other))
+                condition = condition & (active_admins.scalar_subquery() > 1)
+            result = await session.execute(
+                update(ApiKeyRow).where(condition).values(revoked_at=now).execution_options(synchronize_session=False)
+            )
+            await session.refresh(row)
+            if result.rowcount == 0 and row.revoked_at is None:
+                raise LastAdminKey(key_id)
             return ApiKeyInfo.from_row(row)
 
     async def mark_used(self, key_id: str, when: datetime) -> None:

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from hokusai.server.dspy.signatures import MAX_SIGNATURE_LENGTH
 
 ModuleKind = Literal["Predict", "ChainOfThought"]
 Mode = Literal["normal", "dry_run", "debug"]
@@ -28,8 +30,10 @@ class ProgramDeclaration(BaseModel):
     version: str = Field("1.0.0", pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
     description: str = Field("", max_length=5000)
     module: ModuleKind = "Predict"
-    signature: str | None = Field(None, max_length=5000, description="One predictor's signature: 'a, b -> c'")
-    signatures: list[str] | None = Field(
+    signature: str | None = Field(
+        None, max_length=MAX_SIGNATURE_LENGTH, description="One predictor's signature: 'a, b -> c'"
+    )
+    signatures: list[Annotated[str, Field(max_length=MAX_SIGNATURE_LENGTH)]] | None = Field(
         None, min_length=1, max_length=1, description="One signature per predictor (the module kinds have one)"
     )
     instructions: str = Field("", max_length=20_000)

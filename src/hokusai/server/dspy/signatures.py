@@ -35,11 +35,18 @@ RESERVED_FIELD_NAMES = frozenset(
     }
 )
 MAX_TYPE_DEPTH = 5
+# Python's parser recurses on nested expressions (`1+1+...`, `-(-(...))`, `a.b.c...`): a long enough type string
+# ends in RecursionError or MemoryError inside `ast.parse`, whatever the depth check below says. No allowed type
+# needs more than a few hundred characters, so longer ones are refused before they are parsed.
+MAX_TYPE_LENGTH = 300
+MAX_SIGNATURE_LENGTH = 5000
+SHOWN_SIGNATURE_CHARS = 200
 
 
 class InvalidSignature(InvalidRequest):
     def __init__(self, signature: str, problem: str) -> None:
-        super().__init__(f"Invalid signature {signature!r}: {problem}")
+        shown = signature if len(signature) <= SHOWN_SIGNATURE_CHARS else signature[:SHOWN_SIGNATURE_CHARS] + "..."
+        super().__init__(f"Invalid signature {shown!r}: {problem}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,8 @@ class ParsedSignature:
 def parse_signature(text: str) -> ParsedSignature:
     if not isinstance(text, str) or text.count("->") != 1:
         raise InvalidSignature(str(text), "expected exactly one '->' between input and output fields")
+    if len(text) > MAX_SIGNATURE_LENGTH:
+        raise InvalidSignature(text, f"longer than {MAX_SIGNATURE_LENGTH} characters")
     left, right = text.split("->")
     inputs, outputs = _fields(text, left), _fields(text, right)
     if not inputs or not outputs:
@@ -92,11 +101,14 @@ def _fields(signature: str, side: str) -> list[SignatureField]:
         if not colon:
             fields.append(SignatureField(name, str, "str"))
             continue
+        type_text = type_text.strip()
+        if len(type_text) > MAX_TYPE_LENGTH:
+            raise InvalidSignature(signature, f"type of {name!r} is longer than {MAX_TYPE_LENGTH} characters")
         try:
-            node = ast.parse(type_text.strip(), mode="eval").body
-        except SyntaxError:
-            raise InvalidSignature(signature, f"type of {name!r} cannot be read: {type_text.strip()!r}") from None
-        annotation = _annotation(signature, node, depth=0)
+            node = ast.parse(type_text, mode="eval").body
+        except (SyntaxError, ValueError, RecursionError, MemoryError):  # ValueError: a NUL byte
+            raise InvalidSignature(signature, f"type of {name!r} cannot be read: {type_text[:100]!r}") from None
+        annotation = _annotation(signature, node, depth=0, written=type_text)
         fields.append(SignatureField(name, annotation, ast.unparse(node)))
     return fields
 
@@ -125,7 +137,8 @@ def _split_top_level(signature: str, side: str) -> list[str]:
     return [part for part in stripped if part]
 
 
-def _annotation(signature: str, node: ast.expr, depth: int) -> Any:
+def _annotation(signature: str, node: ast.expr, depth: int, written: str) -> Any:
+    """The Python type of `node`, from the allow-list only; `written` is the field's type as given, for errors."""
     if depth > MAX_TYPE_DEPTH:
         raise InvalidSignature(signature, "types nested too deeply")
     if isinstance(node, ast.Name) and node.id in SIMPLE_TYPES:
@@ -134,12 +147,12 @@ def _annotation(signature: str, node: ast.expr, depth: int) -> Any:
         kind = node.value.id
         arguments = list(node.slice.elts) if isinstance(node.slice, ast.Tuple) else [node.slice]
         if kind == "list" and len(arguments) == 1:
-            return list[_annotation(signature, arguments[0], depth + 1)]
+            return list[_annotation(signature, arguments[0], depth + 1, written)]
         if kind == "dict" and len(arguments) == 2:
-            key, value = (_annotation(signature, argument, depth + 1) for argument in arguments)
+            key, value = (_annotation(signature, argument, depth + 1, written) for argument in arguments)
             return dict[key, value]
         if kind == "Optional" and len(arguments) == 1:
-            return Optional[_annotation(signature, arguments[0], depth + 1)]  # noqa: UP045 - built, not written
+            return Optional[_annotation(signature, arguments[0], depth + 1, written)]  # noqa: UP045 - built, not written
         if kind == "Literal" and arguments:
             values = []
             for argument in arguments:
@@ -147,9 +160,10 @@ def _annotation(signature: str, node: ast.expr, depth: int) -> Any:
                     raise InvalidSignature(signature, "Literal takes only string, integer or boolean constants")
                 values.append(argument.value)
             return Literal.__getitem__(tuple(values))
-    shown = ast.unparse(node)
+    # The type as written, not ast.unparse(node): unparsing a deep disallowed expression recurses too.
+    shown = ast.get_source_segment(written, node) or written
     raise InvalidSignature(
         signature,
-        f"type {shown!r} is not allowed (allowed: str, int, float, bool, list[...], dict, dict[..., ...], "
+        f"type {shown[:100]!r} is not allowed (allowed: str, int, float, bool, list[...], dict, dict[..., ...], "
         "Optional[...], Literal[...])",
     )
