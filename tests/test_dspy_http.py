@@ -334,12 +334,11 @@ def test_without_a_language_model(service, keys, reader, writer):
     health = reader.get("/api/v1/dspy/health")
     assert health.status_code == 200
     assert health.json()["status"] == "unconfigured"
-    assert health.json()["detail"] == "No language model configured for DSPy execution"
+    assert health.json()["detail"].startswith("No language model configured for DSPy execution: set HOKUSAI_DSPY_LM")
     assert writer.post("/api/v1/dspy/programs", json={**EMAIL, "program_id": "no-lm"}).status_code == 201
     refused = reader.post("/api/v1/dspy/execute", json={"program_id": "no-lm", "inputs": INPUTS})
-    assert refused.status_code == 503 and refused.json() == {
-        "detail": "No language model configured for DSPy execution"
-    }
+    assert refused.status_code == 503 and refused.json() == {"detail": health.json()["detail"]}
+    assert "HOKUSAI_DSPY_API_BASE" in refused.json()["detail"]  # names what to set
     dry = reader.post("/api/v1/dspy/execute", json={"program_id": "no-lm", "inputs": INPUTS, "mode": "dry_run"})
     assert dry.status_code == 200  # rendering a prompt needs no model
 

@@ -8,11 +8,13 @@ set first, because LiteLLM otherwise fetches a price list from the internet at i
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import importlib
 import json
 import os
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,7 +31,10 @@ import dspy  # noqa: E402
 from dspy.utils.callback import BaseCallback  # noqa: E402
 from dspy.utils.exceptions import AdapterParseError, DSPyError, LMTimeoutError  # noqa: E402
 
-NO_LANGUAGE_MODEL = "No language model configured for DSPy execution"
+NO_LANGUAGE_MODEL = (
+    "No language model configured for DSPy execution: set HOKUSAI_DSPY_LM (a LiteLLM model name such as "
+    "openai/my-model) and, for an OpenAI-compatible server, HOKUSAI_DSPY_API_BASE (and HOKUSAI_DSPY_API_KEY)"
+)
 # One LM call per predictor call: no second attempt in JSON when the answer misses DSPy's chat format (a retry that
 # doubles cost and latency on a model that cannot follow the format; the error says what came back instead).
 ANSWER_FORMAT = dspy.ChatAdapter(use_json_adapter_fallback=False)
@@ -153,16 +158,31 @@ def _adapter(annotation: Any) -> TypeAdapter:
     return TypeAdapter(annotation)
 
 
+# LM calls running now, by id() of the dspy.LM: an LM the cache evicts is closed only once its calls are done.
+_CALLS_IN_FLIGHT: Counter[int] = Counter()
+
+
 class LanguageModels:
-    """dspy.LM objects by their settings: the service's own, and those programs name (same API base and key)."""
+    """dspy.LM objects by their settings: the service's own, and those programs name (same API base and key).
+
+    Least recently used first out past `HOKUSAI_DSPY_LM_CACHE_SIZE`: every distinct setting a program declares
+    (model, temperature, max_tokens) is its own LM with its own connection pools, and programs are written by
+    callers. An evicted LM is closed when no call uses it any more (a batch that still holds it reopens its pools
+    on its next call, so closing early costs a connection, never a failed call).
+    """
 
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
-        self._built: dict[str, Any] = {}
+        self._built: OrderedDict[str, Any] = OrderedDict()
+        self._retiring: list[Any] = []
+        self._closing: set[asyncio.Task] = set()
 
     @property
     def default_model(self) -> str | None:
         return self._settings.dspy_lm
+
+    def __len__(self) -> int:
+        return len(self._built)
 
     def for_program(self, program_lm: dict | None) -> Any:
         wanted = {
@@ -174,26 +194,43 @@ class LanguageModels:
         if not wanted["model"]:
             raise NoLanguageModel()
         key = json.dumps(wanted, sort_keys=True)
-        if key not in self._built:
-            api_key = self._settings.dspy_api_key.get_secret_value() if self._settings.dspy_api_key else None
-            options = {name: value for name, value in wanted.items() if value is not None and name != "model"}
-            if self._settings.dspy_api_base is not None:
-                options["api_base"] = str(self._settings.dspy_api_base)
-            self._built[key] = dspy.LM(
-                wanted["model"],
-                api_key=api_key or "unused",  # DSPy refuses to call without one; servers without auth ignore it
-                num_retries=self._settings.dspy_num_retries,
-                cache=self._settings.dspy_cache,
-                timeout=self._settings.dspy_max_timeout,
-                **options,
-            )
-        return self._built[key]
+        lm = self._built.get(key)
+        if lm is not None:
+            self._built.move_to_end(key)
+            return lm
+        api_key = self._settings.dspy_api_key.get_secret_value() if self._settings.dspy_api_key else None
+        options = {name: value for name, value in wanted.items() if value is not None and name != "model"}
+        if self._settings.dspy_api_base is not None:
+            options["api_base"] = str(self._settings.dspy_api_base)
+        lm = self._built[key] = dspy.LM(
+            wanted["model"],
+            api_key=api_key or "unused",  # DSPy refuses to call without one; servers without auth ignore it
+            num_retries=self._settings.dspy_num_retries,
+            cache=self._settings.dspy_cache,
+            timeout=self._settings.dspy_max_timeout,
+            **options,
+        )
+        while len(self._built) > self._settings.dspy_lm_cache_size:
+            self._retiring.append(self._built.popitem(last=False)[1])
+        self._close_idle_retired()
+        return lm
+
+    def _close_idle_retired(self) -> None:
+        idle = [lm for lm in self._retiring if not _CALLS_IN_FLIGHT[id(lm)]]
+        self._retiring = [lm for lm in self._retiring if _CALLS_IN_FLIGHT[id(lm)]]
+        for lm in idle:
+            task = asyncio.get_running_loop().create_task(lm.aclose())
+            self._closing.add(task)  # a reference, so the task is not collected before it ran
+            task.add_done_callback(self._closing.discard)
 
     async def aclose(self) -> None:
         """Each LM holds its own connection pools."""
-        for lm in self._built.values():
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)
+        for lm in [*self._built.values(), *self._retiring]:
             await lm.aclose()
         self._built.clear()
+        self._retiring.clear()
 
 
 class CapturedCalls(BaseCallback):
@@ -264,6 +301,7 @@ async def run_program(
     """
     callbacks = [capture] if capture is not None else []
     with (
+        _in_flight(lm),
         dspy.context(
             lm=lm,
             disable_history=True,  # DSPy's history keeps every call: unbounded memory in a server
@@ -287,6 +325,21 @@ async def run_program(
     names = program.output_names or list(prediction.keys())
     outputs = {name: _jsonable(prediction.get(name)) for name in names if name in prediction}
     return outputs, _usage(tracker)
+
+
+@contextlib.contextmanager
+def _in_flight(lm: Any) -> Iterator[None]:
+    """Counts the calls using `lm` (None in dry runs), for LanguageModels to close an evicted LM only when idle."""
+    if lm is None:
+        yield
+        return
+    _CALLS_IN_FLIGHT[id(lm)] += 1
+    try:
+        yield
+    finally:
+        _CALLS_IN_FLIGHT[id(lm)] -= 1
+        if not _CALLS_IN_FLIGHT[id(lm)]:
+            del _CALLS_IN_FLIGHT[id(lm)]
 
 
 def _usage(tracker: Any) -> dict[str, Any]:
