@@ -36,10 +36,10 @@ class ComparisonService:
         )
         if chosen is None:
             return comparison
-        for facts, metrics in ((one, metrics1), (two, metrics2)):
-            if chosen not in metrics:
-                raise InvalidRequest(f"Metric {chosen!r} is not recorded for {facts.reference}")
-        before, after = metrics1[chosen], metrics2[chosen]
+        before, after = one.benchmark_value(chosen), two.benchmark_value(chosen)
+        if before is None or after is None:
+            missing = one if before is None else two
+            raise InvalidRequest(f"Metric {chosen!r} is not recorded for {missing.reference}")
         gain = self._direction.improvement(chosen, before, after)
         allowed = (self._tolerance if tolerance is None else tolerance) * max(abs(before), abs(after))
         comparison.higher_is_better = not self._direction.lower_is_better(chosen)
@@ -54,7 +54,8 @@ class ComparisonService:
 
     @staticmethod
     def _benchmark_metric(asked: str | None, one: VersionFacts, two: VersionFacts, shared: list[str]) -> str | None:
-        """The metric asked for, else the benchmark the versions name (the newer first), else the first shared."""
+        """The metric asked for, else the benchmark metric the versions name (with or without a registered value;
+        the second version's first), when both have it, else the first shared metric."""
         if asked:
             return asked
         for facts in (two, one):

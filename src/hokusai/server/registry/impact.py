@@ -10,7 +10,7 @@ from hokusai.server.registry.contributors import ContributionStore, checksum_add
 from hokusai.server.registry.lineage import LineageService
 from hokusai.server.registry.models import ContributionRow
 from hokusai.server.registry.schemas import ContributorImpact
-from hokusai.server.registry.versions import MetricDirection, VersionReader
+from hokusai.server.registry.versions import MetricDirection, VersionReader, benchmark_step
 
 logger = logging.getLogger(__name__)
 
@@ -49,12 +49,9 @@ class ImpactService:
                 parent_facts = await self._reader.facts(await self._reader.version(*parent))
             except NotFound as exc:  # a vanished parent leaves the contribution without a baseline, not unrecorded
                 logger.warning("Parent %s:%s of %s unreadable: %s", *parent, facts.reference, exc)
-        metric = facts.benchmark_metric() or (parent_facts.benchmark_metric() if parent_facts else None)
-        value = facts.metrics().get(metric) if metric else None
-        parent_value = parent_facts.metrics().get(metric) if metric and parent_facts else None
-        improvement = 0.0
-        if metric and value is not None and parent_value is not None:
-            improvement = self._direction.improvement(metric, parent_value, value)
+        # The same measure as compare and the improvement history; no value to compare scores 0.
+        step = benchmark_step(facts, parent_facts, self._direction)
+        improvement = step.improvement or 0.0
         model_id = await self._lineage.model_id(facts.name)
         rows = [
             ContributionRow(
@@ -63,10 +60,10 @@ class ImpactService:
                 version=facts.version,
                 model_id=model_id,
                 weight=share.weight,
-                benchmark_metric=metric,
-                benchmark_value=value,
+                benchmark_metric=step.metric,
+                benchmark_value=step.value,
                 parent=f"{parent[0]}:{parent[1]}" if parent else None,
-                parent_value=parent_value,
+                parent_value=step.parent_value,
                 improvement_score=improvement * share.weight,
                 contributed_at=facts.created_at,
             )

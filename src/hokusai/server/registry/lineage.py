@@ -11,6 +11,7 @@ from sqlalchemy import select
 from hokusai.server.db import Database
 from hokusai.server.errors import InvalidRequest, NotFound
 from hokusai.server.registry.contributors import contributors_in_tags
+from hokusai.server.registry.inputs import canonical_version, holdable_name
 from hokusai.server.registry.models import ModelIdRow
 from hokusai.server.registry.schemas import (
     DatasetInput,
@@ -18,13 +19,12 @@ from hokusai.server.registry.schemas import (
     ImprovementStep,
     VersionLineage,
 )
-from hokusai.server.registry.service import is_number
 from hokusai.server.registry.versions import (
     MetricDirection,
     ModelReference,
+    VersionFacts,
     VersionReader,
-    benchmark_of,
-    run_metrics,
+    benchmark_step,
     tags_of,
 )
 from hokusai.server.timestamps import from_millis, iso
@@ -48,11 +48,15 @@ class LineageService:
 
     async def model_name(self, model_id: str) -> str:
         """A stable model id (`mdl_...`) as the service assigned it, or a model name as it is."""
+        if not holdable_name(model_id):  # no row can have it (and PostgreSQL cannot bind a NUL)
+            return model_id
         async with self._database.session() as session:
             name = await session.scalar(select(ModelIdRow.name).where(ModelIdRow.model_id == model_id))
         return name or model_id
 
     async def model_id(self, name: str) -> str | None:
+        if not holdable_name(name):
+            return None
         async with self._database.session() as session:
             return await session.scalar(select(ModelIdRow.model_id).where(ModelIdRow.name == name))
 
@@ -70,14 +74,14 @@ class LineageService:
     async def _named_parent(self, name: str, tags: dict[str, str]) -> tuple[str, str] | None:
         """A tag that names no version (`parent_version=latest`) is ignored: stored data never fails a read."""
         parent = tags.get(PARENT_VERSION_TAG, "").strip()
-        if is_number(parent):
-            return name, str(int(parent))
+        if (number := canonical_version(parent)) is not None:
+            return name, number
         if (reference := _version_reference(parent)) is not None:
             return reference
         baseline = tags.get(BASELINE_MODEL_TAG, "").strip()
-        baseline_version = tags.get(BASELINE_VERSION_TAG, "").strip()
-        if baseline and is_number(baseline_version):
-            return await self.model_name(baseline), str(int(baseline_version))
+        baseline_version = canonical_version(tags.get(BASELINE_VERSION_TAG, "").strip())
+        if baseline and baseline_version is not None:
+            return await self.model_name(baseline), baseline_version
         if (reference := _version_reference(baseline)) is not None:
             return await self.model_name(reference[0]), reference[1]
         return None
@@ -107,42 +111,37 @@ class LineageService:
         )
 
     async def improvement_history(self, model_id: str) -> ImprovementHistory:
-        """Every version with its benchmark metrics and its improvement over its parent.
+        """Every version with its metrics and its improvement over its parent on the benchmark metric.
 
-        MLflow calls: the versions (1,000 a page), the experiments, and the runs (500 a call): they do not grow with
-        each version, only with their thousands. A parent in another model is looked up on its own.
+        MLflow calls: the versions (1,000 a page), the experiments, the runs and the logged models (500 ids a
+        search), the model's evaluations (1,000 a page): they do not grow with each version, only with their
+        thousands. A parent in another model is looked up on its own.
         """
         name = await self.model_name(model_id)
+        if not holdable_name(name):
+            raise ModelNotRegistered(model_id)
         versions = await self._reader.all_versions(name)
         if not versions:
             raise ModelNotRegistered(model_id)
-        runs = await self._reader.runs({v["run_id"] for v in versions if v.get("run_id")})
-        metrics = {v["version"]: version_metrics(v, runs.get(v.get("run_id") or "")) for v in versions}
-        default_metric = next(
-            (bench[0] for v in reversed(versions) if (bench := benchmark_of(tags_of(v))) is not None), None
-        )
+        facts = await self._reader.facts_of_versions(versions)
+        # A version that names no benchmark (nor does its parent) is measured on the model's latest named one.
+        default_metric = next((m for v in reversed(versions) if (m := facts[v["version"]].benchmark_metric())), None)
         steps = []
         for raw in versions:
-            tags = tags_of(raw)
+            own = facts[raw["version"]]
             parent = await self.parent(raw, versions)
-            metric = bench[0] if (bench := benchmark_of(tags)) is not None else default_metric
-            parent_metrics = await self._metrics_of(parent, name, metrics)
-            improvement = None
-            if metric and parent_metrics is not None:
-                before, after = parent_metrics.get(metric), metrics[raw["version"]].get(metric)
-                if before is not None and after is not None:
-                    improvement = self._direction.improvement(metric, before, after)
-            contributors = contributors_in_tags(tags)
+            step = benchmark_step(own, await self._facts_of(parent, name, facts), self._direction, default_metric)
+            contributors = contributors_in_tags(own.tags)
             steps.append(
                 ImprovementStep(
                     version=raw["version"],
-                    metrics=metrics[raw["version"]],
+                    metrics=own.metrics(),
                     created_at=iso(from_millis(raw.get("creation_timestamp"))),
                     contributor=contributors[0].address if len(contributors) == 1 else None,
                     contributors=contributors,
                     parent=f"{parent[0]}:{parent[1]}" if parent else None,
-                    benchmark_metric=metric,
-                    improvement=improvement,
+                    benchmark_metric=step.metric,
+                    improvement=step.improvement,
                 )
             )
         return ImprovementHistory(
@@ -153,36 +152,27 @@ class LineageService:
             latest_version=steps[-1].version,
         )
 
-    async def _metrics_of(
-        self, parent: tuple[str, str] | None, name: str, known: dict[str, dict[str, float]]
-    ) -> dict[str, float] | None:
+    async def _facts_of(
+        self, parent: tuple[str, str] | None, name: str, known: dict[str, VersionFacts]
+    ) -> VersionFacts | None:
         if parent is None:
             return None
         if parent[0] == name:
             return known.get(parent[1])
         try:
-            raw = await self._reader.version(*parent)
+            return await self._reader.facts(await self._reader.version(*parent))
         except NotFound:
             return None
-        run = await self._reader.run(raw.get("run_id"))
-        return version_metrics(raw, run)
 
 
 def _version_reference(value: str) -> tuple[str, str] | None:
-    """`name:3` as (name, "3"); anything else None."""
+    """`name:3` as (name, "3"); anything else (a version no model can have included) None."""
     try:
         reference = ModelReference.parse(value)
     except InvalidRequest:
         return None
-    return (reference.name, str(int(reference.version))) if reference.version else None
-
-
-def version_metrics(raw: dict[str, Any], run: dict[str, Any] | None) -> dict[str, float]:
-    """The run's metrics and the registered benchmark (which wins)."""
-    metrics = run_metrics(run)
-    if (bench := benchmark_of(tags_of(raw))) is not None:
-        metrics[bench[0]] = bench[1]
-    return metrics
+    number = canonical_version(reference.version) if reference.version else None
+    return (reference.name, number) if number is not None else None
 
 
 def datasets_of(run: dict[str, Any] | None) -> list[DatasetInput]:

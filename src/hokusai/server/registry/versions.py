@@ -4,6 +4,10 @@ benchmark, and which way each metric should move.
 A version's metrics are, in increasing precedence: its source run's metrics, its logged model's metrics (the
 latest value of each key), the metrics of its latest evaluation run (`eval_*`), and the benchmark the version was
 registered with (`benchmark_value` under the `benchmark_metric` name).
+
+A version's benchmark is the metric its `benchmark_metric` tag names, valued by `benchmark_value` when it was
+registered with one, else by its own metric of that name (above). `benchmark_step` is the one place that measures a
+version against its parent: impact, compare and the improvement history all go through it, so they agree.
 """
 
 from __future__ import annotations
@@ -16,9 +20,10 @@ from datetime import datetime
 from typing import Any
 
 from hokusai.server.errors import InvalidRequest
+from hokusai.server.registry.inputs import MAX_ALIAS_LENGTH, filter_literal, holdable_name, is_number
 from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.registry.registration import LOGGED_MODEL
-from hokusai.server.registry.service import ModelNotFound, is_number, quoted, version_number
+from hokusai.server.registry.service import ModelNotFound, quoted, version_number
 from hokusai.server.timestamps import from_millis
 
 BENCHMARK_METRIC_TAG = "benchmark_metric"
@@ -49,7 +54,7 @@ class ModelReference:
         if colon and name and is_number(version):
             return cls(name=name, version=version)
         name, at, alias = reference.rpartition("@")
-        if at and name and re.fullmatch(r"[A-Za-z0-9_-]+", alias):
+        if at and name and len(alias) <= MAX_ALIAS_LENGTH and re.fullmatch(r"[A-Za-z0-9_-]+", alias):
             return cls(name=name, alias=alias)
         raise InvalidReference(reference)
 
@@ -83,6 +88,7 @@ class VersionFacts:
 
     @property
     def benchmark(self) -> tuple[str, float] | None:
+        """The (metric, value) registered together; a metric named without a value is not one (see benchmark_value)."""
         return benchmark_of(self.tags)
 
     def recorded_metrics(self) -> dict[str, float]:
@@ -100,16 +106,57 @@ class VersionFacts:
         return merged
 
     def benchmark_metric(self) -> str | None:
-        return self.benchmark[0] if self.benchmark else None
+        """The metric the version names as its benchmark, with or without a registered value."""
+        return benchmark_metric_of(self.tags)
+
+    def benchmark_value(self, metric: str | None = None) -> float | None:
+        """The version's value of `metric` (by default its benchmark metric): `benchmark_value` when it was registered
+        for that metric, else its own metric of that name (latest evaluation, logged model, source run); None when it
+        has none."""
+        metric = metric or self.benchmark_metric()
+        return self.metrics().get(metric) if metric else None
+
+
+@dataclass(frozen=True)
+class BenchmarkStep:
+    """A version measured against its parent on one metric; improvement is None when a side has no value."""
+
+    metric: str | None
+    value: float | None
+    parent_value: float | None
+    improvement: float | None
+
+
+def benchmark_step(
+    facts: VersionFacts,
+    parent: VersionFacts | None,
+    direction: MetricDirection,
+    fallback_metric: str | None = None,
+) -> BenchmarkStep:
+    """The version's benchmark metric (else its parent's, else `fallback_metric`) on both sides, and the
+    direction-aware change (positive = better)."""
+    metric = facts.benchmark_metric() or (parent.benchmark_metric() if parent else None) or fallback_metric
+    if metric is None:
+        return BenchmarkStep(None, None, None, None)
+    value = facts.benchmark_value(metric)
+    parent_value = parent.benchmark_value(metric) if parent is not None else None
+    improvement = None
+    if value is not None and parent_value is not None:
+        improvement = direction.improvement(metric, parent_value, value)
+    return BenchmarkStep(metric, value, parent_value, improvement)
 
 
 def tags_of(raw: dict[str, Any] | None) -> dict[str, str]:
     return {tag["key"]: tag.get("value", "") for tag in (raw or {}).get("tags", []) or []}
 
 
+def benchmark_metric_of(tags: dict[str, str]) -> str | None:
+    return tags.get(BENCHMARK_METRIC_TAG, "").strip() or None
+
+
 def benchmark_of(tags: dict[str, str]) -> tuple[str, float] | None:
     """The (metric, value) a version was registered with, when both tags are there and the value is a number."""
-    metric, value = tags.get(BENCHMARK_METRIC_TAG, "").strip(), tags.get(BENCHMARK_VALUE_TAG)
+    metric, value = benchmark_metric_of(tags), tags.get(BENCHMARK_VALUE_TAG)
     if not metric or value is None:
         return None
     try:
@@ -177,6 +224,8 @@ class VersionReader:
     async def resolve(self, reference: ModelReference) -> dict[str, Any]:
         if reference.version is not None:
             return await self.version(reference.name, reference.version)
+        if not holdable_name(reference.name):
+            raise ModelNotFound(reference.name, f"@{reference.alias}")
         found = await self._api(
             "GET",
             "/registered-models/alias",
@@ -211,11 +260,37 @@ class VersionReader:
         )
         return found.get("model")
 
-    async def runs(self, run_ids: set[str]) -> dict[str, dict[str, Any]]:
+    async def facts_of_versions(self, versions: list[dict[str, Any]]) -> dict[str, VersionFacts]:
+        """What `facts` gathers, for many versions of one model in a few calls that do not grow with each version:
+        the experiments, the runs (500 ids a search), the logged models (500 ids a search, only when a version has
+        one) and the evaluations of the model (one search, only when the evaluation experiment exists). Keyed by
+        version number."""
+        facts = {raw["version"]: VersionFacts(raw["name"], raw["version"], raw, tags=tags_of(raw)) for raw in versions}
+        if not facts:
+            return facts
+        experiments = await self.experiments()
+        experiment_ids = [experiment["experiment_id"] for experiment in experiments]
+        evaluations_in = next(
+            (e["experiment_id"] for e in experiments if e.get("name") == self._evaluation_experiment), None
+        )
+        if evaluations_in is not None:
+            self._evaluation_experiment_id = evaluations_in
+        runs, logged, evaluations = await asyncio.gather(
+            self.runs({f.run_id for f in facts.values() if f.run_id}, experiment_ids),
+            self.logged_models({f.logged_model_id for f in facts.values() if f.logged_model_id}, experiment_ids),
+            self.latest_evaluations({f.name for f in facts.values()}, evaluations_in),
+        )
+        for one in facts.values():
+            one.run = runs.get(one.run_id or "")
+            one.logged_model = logged.get(one.logged_model_id or "")
+            one.evaluation = evaluations.get((one.name, one.version))
+        return facts
+
+    async def runs(self, run_ids: set[str], experiment_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
         """Many runs in a few calls: every experiment is searched for the ids at once, 500 ids a call."""
         if not run_ids:
             return {}
-        experiments = await self.experiment_ids()
+        experiments = experiment_ids if experiment_ids is not None else await self.experiment_ids()
         found: dict[str, dict[str, Any]] = {}
         ordered = sorted(run_ids)
         for start in range(0, len(ordered), 500):
@@ -238,22 +313,57 @@ class VersionReader:
                     break
         return found
 
+    async def logged_models(self, model_ids: set[str], experiment_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Many logged models in a few calls, searched by id in every experiment, 500 ids a call."""
+        found: dict[str, dict[str, Any]] = {}
+        ordered = sorted(model_ids)
+        for start in range(0, len(ordered), 500):
+            chunk = ordered[start : start + 500]
+            page_token = None
+            while True:
+                body: dict[str, Any] = {
+                    "experiment_ids": experiment_ids,
+                    "filter": f"model_id IN ({', '.join(quoted(model_id) for model_id in chunk)})",
+                    "max_results": 500,
+                }
+                if page_token:
+                    body["page_token"] = page_token
+                page = await self._api("POST", "/logged-models/search", json=body)
+                for model in page.get("models", []):
+                    found[model["info"]["model_id"]] = model
+                page_token = page.get("next_page_token")
+                if not page_token:
+                    break
+        return found
+
     async def experiment_ids(self) -> list[str]:
-        ids: list[str] = []
+        return [experiment["experiment_id"] for experiment in await self.experiments()]
+
+    async def experiments(self) -> list[dict[str, Any]]:
+        """Every experiment, deleted ones included (a version outlives its run's experiment), 1,000 a page."""
+        found: list[dict[str, Any]] = []
         page_token = None
         while True:
             params = {"max_results": "1000", "view_type": "ALL"}
             if page_token:
                 params["page_token"] = page_token
             page = await self._api("GET", "/experiments/search", params=params)
-            ids += [experiment["experiment_id"] for experiment in page.get("experiments", [])]
+            found += page.get("experiments", [])
             page_token = page.get("next_page_token")
             if not page_token:
-                return ids
+                return found
 
     async def all_versions(self, name: str) -> list[dict[str, Any]]:
-        """Every version of a model, oldest first."""
-        versions = [raw async for raw in self.every_version(f"name = {quoted(name)}")]
+        """Every version of a model, oldest first.
+
+        A name no filter literal can hold (both quotes, made straight in MLflow) is found by reading every version:
+        slower, but such a model never fails a rebuild or its own lineage.
+        """
+        literal = filter_literal(name)
+        if literal is None:
+            versions = [raw async for raw in self.every_version() if raw["name"] == name]
+        else:
+            versions = [raw async for raw in self.every_version(f"name = {literal}")]
         return sorted(versions, key=lambda v: int(v["version"]))
 
     async def every_version(self, filter_string: str | None = None) -> AsyncIterator[dict[str, Any]]:
@@ -296,20 +406,53 @@ class VersionReader:
 
     async def latest_evaluation(self, name: str, version: str) -> dict[str, Any] | None:
         experiment_id = await self.evaluation_experiment_id()
-        if experiment_id is None:
+        literal = filter_literal(name)
+        if experiment_id is None or literal is None:  # no filter can name a model with both quotes: none found
             return None
         page = await self._api(
             "POST",
             "/runs/search",
             json={
                 "experiment_ids": [experiment_id],
-                "filter": f"tags.{EVALUATED_MODEL_TAG} = {quoted(name)} AND tags.{EVALUATED_VERSION_TAG} = '{version}'",
+                "filter": f"tags.{EVALUATED_MODEL_TAG} = {literal} AND tags.{EVALUATED_VERSION_TAG} = '{version}'",
                 "order_by": ["attributes.start_time DESC"],
                 "max_results": 1,
             },
         )
         runs = page.get("runs", [])
         return runs[0] if runs else None
+
+    async def latest_evaluations(
+        self, names: set[str], experiment_id: str | None
+    ) -> dict[tuple[str, str], dict[str, Any]]:
+        """The latest evaluation run of every evaluated version of the models, keyed by (name, version): one search
+        per model (1,000 runs a page), newest first, as latest_evaluation finds them one at a time."""
+        found: dict[tuple[str, str], dict[str, Any]] = {}
+        if experiment_id is None:
+            return found
+        for name in sorted(names):
+            literal = filter_literal(name)
+            if literal is None:
+                continue
+            page_token = None
+            while True:
+                body: dict[str, Any] = {
+                    "experiment_ids": [experiment_id],
+                    "filter": f"tags.{EVALUATED_MODEL_TAG} = {literal}",
+                    "order_by": ["attributes.start_time DESC"],
+                    "max_results": 1000,
+                }
+                if page_token:
+                    body["page_token"] = page_token
+                page = await self._api("POST", "/runs/search", json=body)
+                for run in page.get("runs", []):
+                    version = tags_of(run.get("data")).get(EVALUATED_VERSION_TAG)
+                    if version is not None:
+                        found.setdefault((name, version), run)
+                page_token = page.get("next_page_token")
+                if not page_token:
+                    break
+        return found
 
 
 async def _nothing() -> None:
