@@ -1,6 +1,6 @@
 """What does POST /api/v1/dspy/execute cost over calling the same program in process, and how long does a batch take?
 
-A local OpenAI-compatible server (tests/fake_lm.py, its own process) answers at once (`openai/instant`) or after
+A local OpenAI-compatible server (hokusai.devtools.echo_lm, its own process) answers at once (`openai/instant`) or after
 100 ms (`openai/slow-100`). Alternating in one run:
   1. per call: POST /api/v1/dspy/execute (keep-alive client) against `await program.acall(...)` in this process,
      same program, same LM server; the difference of the medians is the service's overhead;
@@ -26,7 +26,6 @@ from gateway import start_gateway, start_mlflow  # noqa: E402
 
 from hokusai.server.auth.keys import generate_api_key  # noqa: E402
 
-ROOT = Path(__file__).resolve().parent.parent
 CALLS = 300
 BATCH_ITEMS = 100
 BATCH_ROUNDS = 3
@@ -35,9 +34,12 @@ PROGRAM = {"program_id": "bench-qa", "name": "QA", "module": "Predict", "signatu
 
 def start_fake_lm() -> tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "fake_lm.py")], stdout=subprocess.PIPE, text=True, start_new_session=True
+        [sys.executable, "-m", "hokusai.devtools.echo_lm", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
-    return process, process.stdout.readline().strip()
+    return process, process.stdout.readline().split()[3]  # "echo LM at <base url> (a toy ...)"
 
 
 async def in_process_timings(base_url: str) -> list[float]:

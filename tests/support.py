@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import http.server
+import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,8 +108,6 @@ def through_the_gateway(service: ServiceProcess, key: str) -> dict[str, str]:
 def run_analytics_scenario(service: ServiceProcess, key: str, experiment: str) -> dict:
     """tests/analytics_scenario.py through the gateway: two trained, logged (unregistered) versions; its datasets
     are written to the service's datasets directory. Returns what the script logged."""
-    import json
-
     datasets = service.home / "datasets"
     datasets.mkdir(exist_ok=True)
     result = subprocess.run(
@@ -139,9 +140,17 @@ def spawn_service(env: dict[str, str], log_path: Path | None = None) -> subproce
         return subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def run_cli(*args: str, env: dict[str, str], input: str | None = None) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, env: dict[str, str], input: str | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "hokusai.cli", *args], env=env, capture_output=True, text=True, timeout=120, input=input
+        [sys.executable, "-m", "hokusai.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        input=input,
+        cwd=cwd,
     )
 
 
@@ -205,7 +214,7 @@ class RecordingUpstream:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 recorder.requests.append(RecordedRequest(self.command, self.path, list(self.headers.items()), body))
-                if self.path.startswith("/slow"):
+                if "/slow" in self.path:  # any route the gateway forwards, e.g. .../artifacts/slow
                     time.sleep(recorder.delay_seconds)
                 payload = b"OK" if self.path == "/health" else json.dumps({"path": self.path}).encode()
                 try:
@@ -234,3 +243,40 @@ class RecordingUpstream:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+class ScriptedServer:
+    """Answers each request with the next scripted (status, headers, body); records what arrived."""
+
+    def __init__(self, script: list[tuple[int, dict[str, str], dict]]) -> None:
+        recorder = self
+        self.script = list(script)
+        self.requests: list[tuple[str, str, dict[str, str], float]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def _answer(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                recorder.requests.append((self.command, self.path, dict(self.headers), time.monotonic()))
+                status, headers, body = recorder.script.pop(0)
+                payload = json.dumps(body).encode()
+                self.send_response(status)
+                for name, value in {**headers, "Content-Type": "application/json"}.items():
+                    self.send_header(name, value)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            do_GET = do_POST = _answer
+
+            def log_message(self, *args) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+
+    def stop(self) -> None:
+        self.server.shutdown()

@@ -220,6 +220,7 @@ def test_predictions_are_served_and_counted(reader, scenario):
     assert reader.post(f"/api/models/{MODEL}/2/predict", json={"inputs": columns}).json()["rows"] == 3
     refused = reader.post(f"/models/{MODEL}/2/predict", json={"inputs": [{"a": 1.0}]})
     assert refused.status_code == 422 and "rejected the input" in refused.json()["detail"]
+    assert "missing inputs" in refused.json()["detail"]  # the model's whole message, not its first line (issue 12)
     assert reader.post(f"/models/{MODEL}/2/predict", json={"inputs": {"a": [1], "b": [1, 2]}}).status_code == 422
     assert reader.post(f"/models/{MODEL}/2/predict", json={"rows": []}).status_code == 422
     assert reader.post(f"/models/{MODEL}/9/predict", json={"inputs": version["first_rows"]}).status_code == 404

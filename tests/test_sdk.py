@@ -3,13 +3,10 @@ setup() for the stock mlflow client, and `import hokusai` with the client's depe
 
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import subprocess
 import sys
-import threading
-import time
 import zipfile
 from datetime import UTC, datetime
 from pathlib import Path
@@ -35,7 +32,13 @@ from hokusai import (
 from hokusai.sdk import config
 from hokusai.sdk.dspy import dspy_prefix
 from hokusai.sdk.models import ComparedVersion, Registration
-from tests.support import benchmark_metadata, run_analytics_scenario, run_cli, service_environment
+from tests.support import (
+    ScriptedServer,
+    benchmark_metadata,
+    run_analytics_scenario,
+    run_cli,
+    service_environment,
+)
 
 MODEL = "sdk-classifier"
 CONTRIBUTOR = "0xfB6916095ca1df60bB79Ce92cE3Ea74c37c5d359"
@@ -233,44 +236,7 @@ def test_error_hierarchy(sdk_service, sdk_keys, service, versions):
         with pytest.raises(UpstreamError) as unavailable:
             no_lm.execute("sdk-no-lm", {"a": "1"})
     assert unavailable.value.status_code == 503
-    assert unavailable.value.detail == "No language model configured for DSPy execution"
-
-
-class ScriptedServer:
-    """Answers each request with the next scripted (status, headers, body); records what arrived."""
-
-    def __init__(self, script: list[tuple[int, dict[str, str], dict]]) -> None:
-        recorder = self
-        self.script = list(script)
-        self.requests: list[tuple[str, str, dict[str, str], float]] = []
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def _answer(self) -> None:
-                length = int(self.headers.get("Content-Length") or 0)
-                self.rfile.read(length)
-                recorder.requests.append((self.command, self.path, dict(self.headers), time.monotonic()))
-                status, headers, body = recorder.script.pop(0)
-                payload = json.dumps(body).encode()
-                self.send_response(status)
-                for name, value in {**headers, "Content-Type": "application/json"}.items():
-                    self.send_header(name, value)
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            do_GET = do_POST = _answer
-
-            def log_message(self, *args) -> None:
-                pass
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def stop(self) -> None:
-        self.server.shutdown()
+    assert unavailable.value.detail.startswith("No language model configured for DSPy execution: set HOKUSAI_DSPY_LM")
 
 
 def test_retries_honour_retry_after_and_keep_the_idempotency_key():
@@ -333,7 +299,7 @@ def test_setup_and_saved_config(tmp_path, monkeypatch):
     assert ModelRegistry().url == "http://saved:1/api"
     monkeypatch.setenv("HOKUSAI_URL", "http://env:2")
     assert ModelRegistry().url == "http://env:2"
-    monkeypatch.setattr(config, "_configured", config.Credentials())
+    monkeypatch.setattr(config, "_configured", config._Configured())
     resolved = hokusai.setup(api_key="hk_test_set", url="http://set:3/mlflow", configure_mlflow=True)
     assert resolved.url == "http://set:3" and os.environ["MLFLOW_TRACKING_URI"] == "http://set:3/mlflow"
     assert os.environ["MLFLOW_TRACKING_TOKEN"] == "hk_test_set"
@@ -356,6 +322,19 @@ def test_client_cli(sdk_service, sdk_keys, versions, tmp_path):
     assert compared.returncode == 0 and "Use version 2" in compared.stdout
     promoted = run_cli("models", "promote", f"{MODEL}:1", "--stage", "staging", env=env)
     assert promoted.returncode == 0 and "Staging" in promoted.stdout
+    # Issue 12: promote archives what was in the stage unless told to keep it (version 2 is in Production here).
+    assert run_cli("models", "promote", f"{MODEL}:1", env=env).returncode == 0
+    assert json.loads(run_cli("models", "show", f"{MODEL}:2", "--json", env=env).stdout)["stage"] == "Archived"
+    assert run_cli("models", "promote", f"{MODEL}:2", "--keep-existing", env=env).returncode == 0
+    both = {
+        v["version"]: v["stage"]
+        for v in json.loads(run_cli("models", "list", "--name", MODEL, "--json", env=env).stdout)
+    }
+    assert both["1"] == both["2"] == "Production"
+    # Issue 12: login with only --api-key takes the URL from HOKUSAI_URL (or the default) without prompting.
+    quiet_login = run_cli("login", "--api-key", sdk_keys["read"], env={**env, "HOKUSAI_URL": sdk_service.base_url})
+    assert quiet_login.returncode == 0 and "URL" not in quiet_login.stdout, quiet_login.stdout + quiet_login.stderr
+    login = run_cli("login", "--url", sdk_service.base_url, "--api-key", sdk_keys["write"], env=env)
     downloaded = run_cli("models", "download", f"{MODEL}:1", "--dest", str(tmp_path), "--quiet", env=env)
     assert downloaded.returncode == 0 and zipfile.is_zipfile(downloaded.stdout.strip())
     assert run_cli("models", "show", f"{MODEL}:77", env=env).returncode == 4
@@ -372,6 +351,8 @@ def test_client_cli(sdk_service, sdk_keys, versions, tmp_path):
     ran = run_cli("dspy", "run", "cli-qa", "-i", "question=why", "-i", "n=3", env=env)
     assert ran.returncode == 0 and "answer: answer for why" in ran.stdout
     assert run_cli("dspy", "run", "cli-qa", "-i", "question=why", env=env).returncode == 5
+    dry = run_cli("dspy", "run", "cli-qa", "-i", "question=why", "-i", "n=3", "--mode", "dry_run", env=env)
+    assert dry.returncode == 0 and "--- system ---" in dry.stdout and "why" in dry.stdout, dry.stdout
 
 
 @pytest.mark.slow
@@ -412,3 +393,9 @@ def test_import_hokusai_with_the_client_dependencies_alone(tmp_path, sdk_service
     assert MODEL in ran.stdout and ran.stdout.strip().endswith("[]")
     cli = subprocess.run([str(venv / "bin" / "hokusai"), "--help"], capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0 and "models" in cli.stdout
+    for command in (["keys", "list"], ["db", "upgrade"], ["serve"], ["contributions", "rebuild"]):
+        server_side = subprocess.run(
+            [str(venv / "bin" / "hokusai"), *command], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env
+        )
+        assert server_side.returncode == 2, (command, server_side.stderr)
+        assert "pip install 'hokusai[server]'" in server_side.stderr and "Traceback" not in server_side.stderr

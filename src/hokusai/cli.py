@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.util
 import json
 import time
 from collections.abc import Coroutine
@@ -21,16 +22,36 @@ from hokusai.client_cli import add_client_commands
 if TYPE_CHECKING:
     from hokusai.server.config import Settings
 
+SERVER_MODULES = ("fastapi", "sqlalchemy", "alembic", "uvicorn", "mlflow")
+
+
+def _require_server_install() -> None:
+    """The server commands need the `server` extra; on a client-only install say so instead of a traceback."""
+    missing = [name for name in SERVER_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        typer.echo(
+            f"error: this command runs the server side, which is not installed here (missing: {', '.join(missing)}); "
+            "install it with: pip install 'hokusai[server]'",
+            err=True,
+        )
+        raise typer.Exit(2)
+
+
 app = typer.Typer(
     help="Hokusai Registry: model registry, MLflow gateway and DSPy execution API.",
     no_args_is_help=True,
     pretty_exceptions_show_locals=False,
 )
+# The server command groups check for the server install before any of their commands imports server modules.
 keys_app = typer.Typer(
-    help="Create, list and revoke API keys (operates on the database directly).", no_args_is_help=True
+    help="Create, list and revoke API keys (operates on the database directly).",
+    no_args_is_help=True,
+    callback=_require_server_install,
 )
-db_app = typer.Typer(help="The service database.", no_args_is_help=True)
-contributions_app = typer.Typer(help="Data contributions recorded for contributor impact.", no_args_is_help=True)
+db_app = typer.Typer(help="The service database.", no_args_is_help=True, callback=_require_server_install)
+contributions_app = typer.Typer(
+    help="Data contributions recorded for contributor impact.", no_args_is_help=True, callback=_require_server_install
+)
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(contributions_app, name="contributions")
@@ -38,6 +59,7 @@ add_client_commands(app)
 
 
 def _settings(**overrides: Any) -> Settings:
+    _require_server_install()
     from hokusai.server.config import ConfigurationError, load_settings
 
     try:
@@ -63,6 +85,7 @@ def serve(
     import uvicorn
 
     from hokusai.server.app import create_app
+    from hokusai.server.http_protocol import header_timeout_protocol
     from hokusai.server.logs import configure_logging
 
     configure_logging(settings.log_level)
@@ -70,6 +93,8 @@ def serve(
         create_app(settings),
         host=settings.host,
         port=settings.port,
+        http=header_timeout_protocol(settings.header_timeout),
+        limit_concurrency=settings.max_connections,
         log_config=None,
         access_log=False,
         proxy_headers=False,
@@ -77,8 +102,8 @@ def serve(
 
 
 def _with_store(work: Any) -> Any:
-    """Migrate the database, then run `work(store)` (a coroutine function) and return its result."""
-    settings = _settings()
+    """Migrate the server's database, then run `work(store)` (a coroutine function) and return its result."""
+    settings = _existing_database_settings()
     from hokusai.server.auth.store import ApiKeyStore
     from hokusai.server.db import Database, run_migrations
 
@@ -92,6 +117,23 @@ def _with_store(work: Any) -> Any:
             await database.dispose()
 
     return _run(run())
+
+
+def _existing_database_settings() -> Settings:
+    """Settings whose database a server has already created and migrated. Commands that act on the server's data
+    refuse otherwise: making a new database here would give keys that the running server never sees."""
+    settings = _settings()
+    from hokusai.server.db import is_migrated
+
+    if not is_migrated(settings.database_dsn):
+        where = settings.home.resolve() / "hokusai.db" if settings.database_url is None else "HOKUSAI_DATABASE_URL"
+        typer.echo(
+            f"error: no Hokusai database at {where}; run `hokusai serve` (or `hokusai db upgrade`) first, "
+            "or set HOKUSAI_HOME to the server's home",
+            err=True,
+        )
+        raise typer.Exit(2)
+    return settings
 
 
 def _run(coroutine: Coroutine[Any, Any, Any]) -> Any:
@@ -174,7 +216,7 @@ def contributions_rebuild(as_json: bool = typer.Option(False, "--json", help="Pr
     in MLflow (or through the gateway), and recomputes every improvement score. With no HOKUSAI_MLFLOW_URL it
     starts the embedded MLflow of HOKUSAI_HOME for the duration.
     """
-    settings = _settings()
+    settings = _existing_database_settings()
     from hokusai.server.db import Database, run_migrations
     from hokusai.server.mlflow.embedded import EmbeddedMlflow
     from hokusai.server.mlflow.upstream import MlflowUpstream

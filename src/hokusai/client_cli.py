@@ -97,14 +97,17 @@ def _registry(url: str | None, api_key: str | None) -> Any:
 
 
 def login(
-    url: str = typer.Option(config.DEFAULT_URL, "--url", prompt="Service URL", help="The service's URL"),
+    url: str | None = UrlOption,
     api_key: str = typer.Option(..., "--api-key", prompt="API key", hide_input=True, help="Your hk_live_/hk_test_ key"),
 ) -> None:
-    """Check the key against the service, then keep URL and key in ~/.hokusai/config (mode 0600)."""
-    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+    """Check the key against the service, then keep URL and key in ~/.hokusai/config (mode 0600).
+
+    The URL is not asked for: --url, else HOKUSAI_URL or the saved one, else the documented default."""
+    base = config.resolve(url).url or config.DEFAULT_URL
+    with failures_as_exit_codes(), _registry(base, api_key) as registry:
         registry.list_page(max_results=1)
-    path = config.write_config(config.api_base(url), api_key)
-    typer.echo(f"Logged in to {config.api_base(url)}; saved to {path}")
+    path = config.write_config(base, api_key)
+    typer.echo(f"Logged in to {base}; saved to {path}")
 
 
 def health(url: str | None = UrlOption, as_json: bool = JsonOption) -> None:
@@ -182,7 +185,11 @@ def models_show(
 def models_promote(
     reference: str = typer.Argument(..., help="name:version"),
     stage: str = typer.Option("Production", "--stage", help="Staging, Production, Archived or None"),
-    archive_existing: bool = typer.Option(False, "--archive-existing", help="Archive the versions now in that stage"),
+    archive_existing: bool = typer.Option(
+        True,
+        "--archive-existing/--keep-existing",
+        help="Archive the versions now in that stage (default), or keep them there too",
+    ),
     url: str | None = UrlOption,
     api_key: str | None = KeyOption,
     as_json: bool = JsonOption,
@@ -287,6 +294,8 @@ def dspy_run(
     if as_json:
         show(result, True)
         return
+    for message in result.metadata.get("prompt") or []:  # dry_run: what the LM would be sent
+        typer.echo(f"--- {message.get('role', 'message')} ---\n{message.get('content', '')}")
     for name, value in (result.outputs or {}).items():
         typer.echo(f"{name}: {value}")
     typer.echo(f"({result.execution_id}, {result.execution_time:.2f} s)", err=True)

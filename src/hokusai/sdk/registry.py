@@ -6,6 +6,7 @@ awaitable of the same. Only paging and downloads, which loop, are written twice.
 
 from __future__ import annotations
 
+import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from hokusai.sdk.config import resolve
+from hokusai.sdk.config import registry_client_made, resolve
 from hokusai.sdk.models import (
     BatchResult,
     Comparison,
@@ -142,12 +143,14 @@ class _ModelOperations(Operations):
 
 
 def _download_target(dest: str | Path, response_headers: Any, name: str, version: str | int) -> Path:
-    """`dest` itself, or the server's file name inside `dest` when it is a directory."""
+    """Blocking (a few stat/mkdir calls). A directory (one that exists, or any path ending in '/') receives the
+    server's file name (else `<name>-<version>.zip`), created if needed; any other path is the file itself."""
     target = Path(dest)
-    if target.is_dir():
+    if target.is_dir() or str(dest).endswith(("/", os.sep)):
         found = re.search(r'filename="([^"]+)"', response_headers.get("content-disposition", ""))
         filename = found.group(1) if found else f"{name}-{version}.zip"
         target = target / Path(filename).name
+    target.parent.mkdir(parents=True, exist_ok=True)
     return target
 
 
@@ -182,6 +185,7 @@ class ModelRegistry(_ModelOperations):
         self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3
     ) -> None:
         credentials = resolve(url, api_key)
+        registry_client_made(credentials)
         self.url = credentials.url or ""
         self._transport = Transport(self.url, credentials.api_key, timeout, RetryPolicy(max_retries=max_retries))
 
@@ -237,6 +241,7 @@ class AsyncModelRegistry(_ModelOperations):
         self, url: str | None = None, api_key: str | None = None, timeout: float = 60.0, max_retries: int = 3
     ) -> None:
         credentials = resolve(url, api_key)
+        registry_client_made(credentials)
         self.url = credentials.url or ""
         self._transport = AsyncTransport(self.url, credentials.api_key, timeout, RetryPolicy(max_retries=max_retries))
 
@@ -263,7 +268,7 @@ class AsyncModelRegistry(_ModelOperations):
                 if response.status_code >= 400:
                     await response.aread()
                     self._transport.raise_for_status(response)
-                target = _download_target(dest, response.headers, name, version)
+                target = await anyio.to_thread.run_sync(_download_target, dest, response.headers, name, version)
                 received = 0
                 async with await anyio.open_file(target, "wb") as out:  # anyio: httpx's own dependency
                     async for chunk in response.aiter_bytes(1024 * 1024):

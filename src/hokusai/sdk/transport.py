@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import logging
+import math
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +23,9 @@ from hokusai.sdk.models import build
 
 RETRY_STATUSES = frozenset({429, 502, 503, 504})
 REQUEST_ID_HEADER = "X-Request-ID"
+# Waits are announced as warnings: with no logging configured Python prints them on stderr, so a CLI user or a
+# script sees why a call takes long instead of a silent hang.
+logger = logging.getLogger("hokusai.sdk")
 
 
 @dataclass(frozen=True)
@@ -74,8 +80,25 @@ def error_from(response: httpx.Response) -> HokusaiError:
     kind = error_for(response.status_code)
     request_id = response.headers.get(REQUEST_ID_HEADER)
     if kind is RateLimited:
-        return RateLimited(detail, response.status_code, request_id, body, retry_after=_retry_after(response))
+        retry_after = _retry_after(response)
+        return RateLimited(
+            _rate_limited_detail(response, retry_after), response.status_code, request_id, body, retry_after=retry_after
+        )
     return kind(detail, response.status_code, request_id, body)
+
+
+def _rate_limited_detail(response: httpx.Response, retry_after: float | None) -> str:
+    """ "rate limited; retry after 689 s (limit 1000/h)": when to come back and which budget is spent."""
+    detail = "rate limited"
+    if retry_after is not None:
+        detail += f"; retry after {max(0, math.ceil(retry_after))} s"
+    limit = response.headers.get("X-RateLimit-Limit")
+    window = re.search(r";w=(\d+)", response.headers.get("RateLimit-Policy", ""))
+    if limit and window:
+        seconds = int(window.group(1))
+        per = {3600: "/h", 60: "/min", 86400: "/day", 1: "/s"}.get(seconds, f" per {seconds} s")
+        detail += f" (limit {limit}{per})"
+    return detail
 
 
 def without_none(values: dict[str, Any]) -> dict[str, Any]:
@@ -110,9 +133,27 @@ class _Transport:
         if attempt >= self.retry.max_retries:
             return None
         if response is None:
-            return self.retry.delay(attempt, None) if call.idempotent else None
-        retryable = RETRY_STATUSES if call.idempotent else {429}
-        return self.retry.delay(attempt, response) if response.status_code in retryable else None
+            wait = self.retry.delay(attempt, None) if call.idempotent else None
+        else:
+            retryable = RETRY_STATUSES if call.idempotent else {429}
+            if response.status_code not in retryable:
+                return None
+            asked = _retry_after(response)
+            if asked is not None and asked > self.retry.max_wait:
+                return None  # the server asks for longer than we would wait: fail now, saying when to come back
+            wait = self.retry.delay(attempt, response)
+        if wait is not None:
+            why = f"HTTP {response.status_code}" if response is not None else "connection failed"
+            logger.warning(
+                "%s %s: %s; retrying in %.1f s (retry %d of %d)",
+                call.method,
+                call.path,
+                why,
+                wait,
+                attempt + 1,
+                self.retry.max_retries,
+            )
+        return wait
 
     def raise_for_status(self, response: httpx.Response) -> None:
         if response.status_code >= 400:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import DateTime, TypeDecorator, event, text
+from sqlalchemy import DateTime, TypeDecorator, create_engine, event, inspect, text
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
@@ -70,6 +71,23 @@ def run_migrations(sync_dsn: str, revision: str = "head") -> None:
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
     config.set_main_option("sqlalchemy.url", sync_dsn.replace("%", "%%"))
     command.upgrade(config, revision)
+
+
+def is_migrated(sync_dsn: str) -> bool:
+    """Blocking: whether a server already made this database (Alembic's version table is there). A SQLite file that
+    does not exist is not created by asking."""
+    if sync_dsn.startswith("sqlite:///"):
+        path = sync_dsn.removeprefix("sqlite:///")
+        if path != ":memory:" and not Path(path).is_file():
+            return False
+    engine = create_engine(sync_dsn)
+    try:
+        with engine.connect() as connection:
+            return inspect(connection).has_table("alembic_version")
+    except SQLAlchemyError:
+        return False
+    finally:
+        engine.dispose()
 
 
 class UtcDateTime(TypeDecorator):

@@ -56,6 +56,8 @@ class Runtime:
     @classmethod
     async def start(cls, settings: Settings, announce_admin_key: AdminKeyAnnouncer) -> Runtime:
         settings.home.mkdir(parents=True, exist_ok=True)
+        # Made at start, so `POST /models/evaluate` names a directory that exists from the first minute.
+        settings.datasets_root.mkdir(parents=True, exist_ok=True)
         embedded = None
         if settings.embedded_mlflow:
             # First, so its ~4 s start overlaps with our own migrations.
