@@ -6,8 +6,7 @@ Served by bench/auth_overhead.py with `uvicorn --factory _auth_bench_app:create`
 from fastapi import Depends
 
 from hokusai.server.app import create_app
-from hokusai.server.auth.dependencies import require_scope
-from hokusai.server.auth.keys import Scope
+from hokusai.server.auth.dependencies import allow
 
 
 def create():
@@ -17,7 +16,7 @@ def create():
     async def open_route() -> dict:
         return {"ok": True}
 
-    @app.get("/bench/guarded", dependencies=[Depends(require_scope(Scope.READ))])
+    @app.get("/bench/guarded", dependencies=[Depends(allow("models:read"))])
     async def guarded_route() -> dict:
         return {"ok": True}
 

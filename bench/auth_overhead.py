@@ -1,6 +1,6 @@
 """What do authentication and rate limiting cost in throughput?
 
-The same trivial route served twice by one server process, once open and once behind `require_scope(READ)`
+The same trivial route served twice by one server process, once open and once behind `allow("models:read")`
 (key check from the in-process cache plus the moving-window rate limit). Requests/s with 16 concurrent keep-alive
 connections, alternating between the two routes in short bursts, with in-process (memory) storage and with the
 machine's Redis. Targets: auth + limits cost at most 30% of throughput in process, at most 50% with Redis.

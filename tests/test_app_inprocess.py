@@ -78,15 +78,27 @@ async def test_admin_key_is_announced_once(app_and_client, tmp_path):
 
 async def test_unexpected_errors_are_500_without_internals_and_logged_with_the_request_id(app_and_client, caplog):
     _, client, _ = app_and_client
-    with caplog.at_level(logging.ERROR, logger="hokusai.request"):
-        response = await client.get("/explode", headers={"X-Request-ID": "req-42"})
+    request_ids = []  # what the service's log filter gives the record when it is emitted
+
+    class RequestIds(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            request_ids.append(record.request_id)
+
+    stamped = RequestIds(logging.ERROR)
+    stamped.addFilter(RequestContextFilter())
+    logging.getLogger("hokusai.request").addHandler(stamped)
+    try:
+        with caplog.at_level(logging.ERROR, logger="hokusai.request"):
+            response = await client.get("/explode", headers={"X-Request-ID": "req-42"})
+    finally:
+        logging.getLogger("hokusai.request").removeHandler(stamped)
     assert response.status_code == 500
     assert response.json() == {"detail": "Internal server error"}
     assert response.headers["x-request-id"] == "req-42"
     assert "secret internals" not in response.text
     record = next(r for r in caplog.records if r.name == "hokusai.request")
     assert record.exc_info and "secret internals" in str(record.exc_info[1])
-    assert RequestContextFilter().filter(record) and record.request_id in ("req-42", "-")
+    assert request_ids == ["req-42"]
 
 
 async def test_validation_errors_keep_the_reference_shape(app_and_client):
@@ -97,3 +109,45 @@ async def test_validation_errors_keep_the_reference_shape(app_and_client):
     assert response.status_code == 422
     detail = response.json()["detail"]
     assert detail[0]["loc"] == ["body", "name"] and "msg" in detail[0] and "type" in detail[0]
+
+
+async def test_a_collaborator_is_replaced_through_dependency_overrides_and_writes_know_their_caller(app_and_client):
+    from hokusai.server.deps import get_registry
+    from hokusai.server.registry.schemas import ModelList, ModelVersionDetail
+
+    app, client, admin_keys = app_and_client
+    headers = {"Authorization": f"Bearer {admin_keys[0]}"}
+    admin_id = (await client.get("/api/v1/keys", headers=headers)).json()[0]["id"]
+    seen = []
+
+    class FakeRegistry:
+        async def list_versions(self, name, max_results, page_token):
+            return ModelList(models=[])
+
+        async def update_version(self, name, version, update, actor):
+            seen.append((name, version, update.description, actor.id, actor.kind))
+            return ModelVersionDetail(
+                name=name,
+                version=version,
+                status="READY",
+                created_at=0,
+                tags={},
+                stage="None",
+                aliases=[],
+                description=update.description,
+                source="s3://fake",
+                run_id=None,
+                updated_at=0,
+            )
+
+    app.dependency_overrides[get_registry] = FakeRegistry
+    try:
+        listed = await client.get("/models/", headers=headers)
+        patched = await client.patch("/models/fake/3", json={"description": "new"}, headers=headers)
+        unauthenticated = await client.patch("/models/fake/3", json={"description": "new"})
+    finally:
+        app.dependency_overrides.clear()
+    assert listed.status_code == 200 and listed.json()["models"] == []
+    assert patched.status_code == 200 and patched.json()["description"] == "new"
+    assert unauthenticated.status_code == 401  # the guard still runs in front of the replaced collaborator
+    assert seen == [("fake", "3", "new", admin_id, "api_key")]

@@ -15,7 +15,7 @@ from hokusai.server.dspy.router import router as dspy_router
 from hokusai.server.errors import install_error_handlers
 from hokusai.server.health.router import router as health_router
 from hokusai.server.middleware import RequestContextMiddleware
-from hokusai.server.mlflow.proxy import MlflowGateway
+from hokusai.server.mlflow.proxy import GatewayParts, MlflowGateway
 from hokusai.server.openapi import install_openapi
 from hokusai.server.registry.router import build_router as build_registry_router
 from hokusai.server.request_bounds import RequestBoundsMiddleware
@@ -33,11 +33,18 @@ def print_admin_key(key: str, saved_to: str) -> None:
 
 def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnnouncer = print_admin_key) -> FastAPI:
     settings = settings or load_settings()
+    # The middlewares are built before the lifespan runs (at the first ASGI event): they are handed `parts`, which
+    # gives what the lifespan built. Handlers get theirs from app.state, through the providers of deps.py.
+    built: dict[str, GatewayParts] = {}
+
+    def parts() -> GatewayParts:
+        return built["gateway"]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await Runtime.start(settings, announce_admin_key)
-        app.state.runtime = runtime
+        runtime.provide(app.state)  # what deps.py hands to handlers
+        built["gateway"] = runtime.gateway_parts()
         try:
             yield
         finally:
@@ -58,9 +65,12 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
     install_openapi(app)  # security schemes, 401/403/429 of guarded routes, the gateway
     # The last added runs first: request context (ids, access log) -> bounds (identify before the body, size and
     # idle bounds) -> the gateway (/mlflow/* and /api/mlflow/*) -> the routes.
-    app.add_middleware(MlflowGateway)
+    app.add_middleware(MlflowGateway, parts=parts)
     app.add_middleware(
-        RequestBoundsMiddleware, max_body_bytes=settings.max_body_bytes, body_read_timeout=settings.body_read_timeout
+        RequestBoundsMiddleware,
+        gate=lambda: parts().gate,
+        max_body_bytes=settings.max_body_bytes,
+        body_read_timeout=settings.body_read_timeout,
     )
     app.add_middleware(RequestContextMiddleware)
     return app

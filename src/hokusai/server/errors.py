@@ -220,7 +220,7 @@ async def refuse_unencodable_text(request: Request) -> None:
 
 
 def _scope_guards(dependant: Any) -> list[Any]:
-    """The route's scope guards (marked by `required_scope`, see auth.dependencies.require_scope)."""
+    """The route's scope guards (marked by `required_scope`, see auth.dependencies.allow)."""
     guards, pending = [], [dependant] if dependant is not None else []
     while pending:
         current = pending.pop()

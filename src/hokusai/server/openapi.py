@@ -1,10 +1,10 @@
 """The OpenAPI document, completed: how to present a key, what a guarded route answers without one, the gateway.
 
-FastAPI derives the document from the routes, but the scope guards (auth.dependencies.require_scope) are plain
+FastAPI derives the document from the routes, but the route guards (auth.dependencies.allow) are plain
 dependencies, not FastAPI security classes, so it knows neither that a route needs a key nor the 401/403/429 it
 then answers. Both are added here, from the routes themselves: a route is guarded when one of its dependencies
-carries `required_scope`, so no list of paths can drift from the code. The gateway (/mlflow/*, /api/mlflow/*) is
-an ASGI middleware, not routes, and is described by hand.
+carries `required_scope` (the scope its action needs), so no list of paths can drift from the code. The gateway
+(/mlflow/*, /api/mlflow/*) is an ASGI middleware, not routes, and is described by hand.
 """
 
 from __future__ import annotations

@@ -3,8 +3,9 @@ and bodies are bounded in size and in idle time while they stream, before anythi
 
 FastAPI reads and parses a JSON body before it solves a route's dependencies, so without this step an
 unauthenticated 100 MB body is read, parsed and held (600 MB of RSS) before the 401. Here, for a route guarded by
-`require_scope`, `authenticate` runs first (it caches its result on the request, so the route's own guard reuses
-it: one check, one count), and a declared Content-Length over the bound is answered 413 at once. The MLflow
+`auth.dependencies.allow`, the gate identifies and throttles the caller first (it keeps the caller on the request,
+so the route's own guard reuses it: one check, one count) and the policy authorizes the route's actions; then a
+declared Content-Length over the bound is answered 413 at once. The MLflow
 gateway authenticates before reading on its own and streams artifact uploads of any size; its bodies only get the
 idle timeout.
 """
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from fastapi.routing import iter_route_contexts
@@ -21,10 +22,9 @@ from starlette.requests import Request
 from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from hokusai.server.auth.dependencies import authenticate
-from hokusai.server.auth.keys import Scope as KeyScope
-from hokusai.server.auth.keys import grants
-from hokusai.server.errors import HokusaiError, PermissionDenied, error_response_for
+from hokusai.server.auth.dependencies import current_caller
+from hokusai.server.auth.gate import Gate
+from hokusai.server.errors import HokusaiError, error_response_for
 from hokusai.server.mlflow.proxy import gateway_prefix
 
 
@@ -53,15 +53,15 @@ class GuardedRoute:
     methods: frozenset[str] | None
     route: object  # put in the scope, so the route's rate-limit policy and metrics label apply
     needs_key: bool
-    scopes: tuple[KeyScope, ...]
+    actions: tuple[str, ...]
 
 
-def _guards(dependant: object) -> Iterator[KeyScope | None]:
-    """The scope each guard in a dependency tree requires (None for a bare `authenticate`)."""
+def _guards(dependant: object) -> Iterator[str | None]:
+    """The action each guard in a dependency tree is for (None for a bare `current_caller`)."""
     for sub in getattr(dependant, "dependencies", ()):
-        if sub.call is authenticate:
+        if sub.call is current_caller:
             yield None
-        elif (required := getattr(sub.call, "required_scope", None)) is not None:
+        elif (required := getattr(sub.call, "required_action", None)) is not None:
             yield required
         yield from _guards(sub)
 
@@ -81,7 +81,7 @@ def guarded_routes(routes: list) -> list[GuardedRoute]:
                 methods=frozenset(methods) if methods else None,
                 route=context.original_route,
                 needs_key=bool(guards),
-                scopes=tuple(dict.fromkeys(guard for guard in guards if guard is not None)),
+                actions=tuple(dict.fromkeys(guard for guard in guards if guard is not None)),
             )
         )
     return table
@@ -146,8 +146,10 @@ class RequestBoundsMiddleware:
     """Pure ASGI, inside the request context (ids, access log) and outside the gateway (its uploads get the idle
     timeout too)."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, body_read_timeout: float) -> None:
+    def __init__(self, app: ASGIApp, gate: Callable[[], Gate], max_body_bytes: int, body_read_timeout: float) -> None:
+        """`gate` gives the lifespan's gate (the middleware stack is built before the lifespan runs)."""
         self.app = app
+        self.gate = gate
         self.max_body_bytes = max_body_bytes
         self.body_read_timeout = body_read_timeout
         self._routes: list[GuardedRoute] | None = None
@@ -201,13 +203,13 @@ class RequestBoundsMiddleware:
         if route is not None and route.needs_key:
             scope["route"] = route.route  # the route's rate-limit policy and metrics label
             request = Request(scope, receive)
+            gate = self.gate()
             try:
-                key = await authenticate(request)
+                caller = await gate.caller(request)
+                for action in route.actions:
+                    gate.policy.authorize(caller, action)
             except HokusaiError as exc:
                 return exc
-            for needed in route.scopes:
-                if not grants(key.scopes, needed):
-                    return PermissionDenied(f"This API key lacks the '{needed.value}' scope")
         if length is not None and length > self.max_body_bytes:
             return RequestBodyTooLarge(self.max_body_bytes)
         return None

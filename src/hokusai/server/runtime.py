@@ -1,4 +1,9 @@
-"""Runtime: the long-lived parts of one running app (database, key service, MLflow, Redis), built in the lifespan."""
+"""Runtime: the long-lived parts of one running app (database, key service, MLflow, Redis), built in the lifespan.
+
+It builds and stops them; it is not looked up. What handlers and middlewares need is handed out by `provide`
+(app.state, read by the providers in deps.py) and `gateway_parts` (the MLflow gateway's constructor argument).
+Nothing below this module imports it.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,12 @@ from dataclasses import dataclass
 
 import aiohttp
 import anyio
-from fastapi import Request
 from redis.asyncio import Redis
+from starlette.datastructures import State
 
+from hokusai.server.auth.gate import Gate
+from hokusai.server.auth.identity import KeyIdentifier
+from hokusai.server.auth.policy import Policy
 from hokusai.server.auth.service import ApiKeyService, ensure_admin_key
 from hokusai.server.auth.store import ApiKeyStore
 from hokusai.server.buildinfo import BuildInfo, read_build_info
@@ -19,12 +27,15 @@ from hokusai.server.config import Settings
 from hokusai.server.db import Database, run_migrations
 from hokusai.server.dspy.service import DspyService
 from hokusai.server.health.cache import HealthCache
+from hokusai.server.health.service import HealthSources
 from hokusai.server.metrics import track_breaker
 from hokusai.server.mlflow.breaker import CircuitBreaker
 from hokusai.server.mlflow.embedded import EmbeddedMlflow
+from hokusai.server.mlflow.proxy import GatewayParts
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.ratelimit.policies import parse_limit, route_limits
 from hokusai.server.ratelimit.service import RequestRateLimiter
+from hokusai.server.ratelimit.throttle import Throttle
 from hokusai.server.redis_breaker import RedisBreaker, redis_retry
 from hokusai.server.registry.analytics import ModelAnalytics
 from hokusai.server.registry.cache import RegistryReadCache
@@ -52,6 +63,8 @@ class Runtime:
     build: BuildInfo
     started_at: float
     health_cache: HealthCache
+    policy: Policy
+    gate: Gate
 
     @classmethod
     async def start(cls, settings: Settings, announce_admin_key: AdminKeyAnnouncer) -> Runtime:
@@ -94,31 +107,63 @@ class Runtime:
         mlflow.breaker.add_listener(health_cache.clear)  # health never shows the state from before a transition
         analytics = ModelAnalytics.build(settings, mlflow, database)
         await analytics.start()
+        policy = Policy()  # the one policy: route guards, the gateway and the registry's batches all ask it
         registry = RegistryService(
             mlflow,
             database,
             RegistryReadCache(settings.registry_cache_ttl, redis, redis_breaker),
             on_registered=analytics.impact.record_version,
             locks=ModelLocks(redis),  # with Redis, every service process takes turns on a model
+            policy=policy,
         )
         dspy = DspyService(settings, database, analytics.model_files)
         await dspy.start()
+        api_keys = ApiKeyService(store, settings.auth_cache_ttl)
+        rate_limiter = build_rate_limiter(settings, redis_breaker)
         return cls(
             settings=settings,
             database=database,
-            api_keys=ApiKeyService(store, settings.auth_cache_ttl),
+            api_keys=api_keys,
             mlflow=mlflow,
             embedded_mlflow=embedded,
             redis=redis,
             redis_breaker=redis_breaker,
-            rate_limiter=build_rate_limiter(settings, redis_breaker),
+            rate_limiter=rate_limiter,
             registry=registry,
             analytics=analytics,
             dspy=dspy,
             build=await anyio.to_thread.run_sync(read_build_info, settings),
             started_at=time.monotonic(),
             health_cache=health_cache,
+            policy=policy,
+            gate=Gate(KeyIdentifier(api_keys, rate_limiter), Throttle(rate_limiter), policy),
         )
+
+    def provide(self, state: State) -> None:
+        """Put on app.state what the providers of deps.py hand to handlers (each replaceable by
+        `app.dependency_overrides[get_x]`)."""
+        state.settings = self.settings
+        state.api_keys = self.api_keys
+        state.rate_limiter = self.rate_limiter
+        state.registry = self.registry
+        state.analytics = self.analytics
+        state.dspy = self.dspy
+        state.policy = self.policy
+        state.gate = self.gate
+        state.health = HealthSources(
+            settings=self.settings,
+            database=self.database,
+            mlflow=self.mlflow,
+            embedded_mlflow=self.embedded_mlflow is not None,
+            redis=self.redis,
+            redis_breaker=self.redis_breaker,
+            cache=self.health_cache,
+            build=self.build,
+            started_at=self.started_at,
+        )
+
+    def gateway_parts(self) -> GatewayParts:
+        return GatewayParts(upstream=self.mlflow, gate=self.gate, on_registry_change=self.registry.cache.invalidate)
 
     async def stop(self) -> None:
         await self.dspy.aclose()
@@ -129,10 +174,6 @@ class Runtime:
         if self.embedded_mlflow is not None:
             await self.embedded_mlflow.stop()
         await self.database.dispose()
-
-    @property
-    def uptime_seconds(self) -> float:
-        return time.monotonic() - self.started_at
 
 
 def build_breaker(settings: Settings) -> CircuitBreaker:
@@ -174,7 +215,3 @@ def upstream_authorization(settings: Settings) -> str | None:
     if settings.mlflow_username and settings.mlflow_password:
         return aiohttp.BasicAuth(settings.mlflow_username, settings.mlflow_password.get_secret_value()).encode()
     return None
-
-
-def get_runtime(request: Request) -> Runtime:
-    return request.app.state.runtime

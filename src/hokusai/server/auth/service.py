@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -9,11 +10,13 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 
+from hokusai.server.auth.caller import Caller
 from hokusai.server.auth.keys import Scope, hash_api_key, is_well_formed
 from hokusai.server.auth.store import ApiKeyInfo, ApiKeyStore, CreatedApiKey
 from hokusai.server.db import utcnow
 from hokusai.server.errors import InvalidApiKey
 
+logger = logging.getLogger(__name__)
 MAX_CACHED_KEYS = 10_000
 
 
@@ -55,17 +58,28 @@ class ApiKeyService:
         return info
 
     async def create(
-        self, name: str, scopes: set[Scope], rate_limit_per_hour: int | None, expires_in_days: int | None
+        self,
+        name: str,
+        scopes: set[Scope],
+        rate_limit_per_hour: int | None,
+        expires_in_days: int | None,
+        actor: Caller | None = None,
     ) -> CreatedApiKey:
+        """A new key; `actor` is who asked for it (None: the operator, from the CLI)."""
         expires_in = timedelta(days=expires_in_days) if expires_in_days is not None else None
-        return await self.store.create(name, scopes, rate_limit_per_hour, expires_in)
+        created = await self.store.create(name, scopes, rate_limit_per_hour, expires_in)
+        if actor is not None:
+            logger.info("API key %s created by %s %s", created.info.id, actor.kind, actor.id)
+        return created
 
     async def list(self) -> list[ApiKeyInfo]:
         return await self.store.list()
 
-    async def revoke(self, key_id: str) -> ApiKeyInfo:
+    async def revoke(self, key_id: str, actor: Caller | None = None) -> ApiKeyInfo:
         """Revoke at once in this process; other processes see it when their cache entry expires."""
         info = await self.store.revoke(key_id)
+        if actor is not None:
+            logger.info("API key %s revoked by %s %s", key_id, actor.kind, actor.id)
         for key_hash in [h for h, (cached, _) in self._cache.items() if cached.id == key_id]:
             del self._cache[key_hash]
         return info

@@ -15,8 +15,8 @@ from typing import Any
 
 import anyio
 
+from hokusai.server.auth.caller import Caller
 from hokusai.server.auth.keys import Scope
-from hokusai.server.auth.store import ApiKeyInfo
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, utcnow
 from hokusai.server.dspy.executor import (
@@ -87,12 +87,16 @@ class DspyService:
 
     # --- programs ----------------------------------------------------------------------------------------
 
-    async def register(self, declaration: ProgramDeclaration, key_id: str | None) -> ProgramView:
+    # Every write takes its `actor`, the caller who asked for it (what an audit log or an event records).
+
+    async def register(self, declaration: ProgramDeclaration, actor: Caller) -> ProgramView:
         signatures = await self._check(declaration)
         self._forget(declaration.program_id)
-        return _view(await self.programs.create(declaration, key_id, signatures))
+        return _view(await self.programs.create(declaration, actor.key_id, signatures))
 
-    async def update(self, program_id: str, version: str, declaration: ProgramDeclaration) -> ProgramView:
+    async def update(
+        self, program_id: str, version: str, declaration: ProgramDeclaration, actor: Caller
+    ) -> ProgramView:
         if declaration.program_id != program_id or declaration.version != version:
             raise InvalidRequest("program_id and version in the body must match the path")
         signatures = await self._check(declaration)
@@ -125,7 +129,7 @@ class DspyService:
             return _trusted_view(self.trusted[program_id])
         return _view(await self.programs.get(program_id, version))
 
-    async def delete_program(self, program_id: str, version: str | None) -> Message:
+    async def delete_program(self, program_id: str, version: str | None, actor: Caller) -> Message:
         self._forget(program_id)
         deleted = await self.programs.delete(program_id, version)
         shown = f"version {version} of {program_id}" if version else f"{program_id} ({deleted} versions)"
@@ -164,7 +168,7 @@ class DspyService:
     def _timeout(self, asked: float | None) -> float:
         return min(asked or self._settings.dspy_timeout, self._settings.dspy_max_timeout)
 
-    async def execute(self, request: ExecuteRequest, key: ApiKeyInfo) -> ExecutionResult:
+    async def execute(self, request: ExecuteRequest, key: Caller) -> ExecutionResult:
         """The result; an execution that failed raises its error (502/504) with its id in X-Execution-Id."""
         program = await self._runnable(request.program_id, request.version)
         inputs = check_inputs(program, request.inputs)
@@ -176,7 +180,7 @@ class DspyService:
             raise error
         return result
 
-    async def execute_batch(self, request: BatchExecuteRequest, key: ApiKeyInfo) -> BatchResult:
+    async def execute_batch(self, request: BatchExecuteRequest, key: Caller) -> BatchResult:
         """Items run at once, at most HOKUSAI_DSPY_BATCH_CONCURRENCY at a time; results in the order given."""
         if len(request.inputs_list) > self._settings.dspy_max_batch_items:
             raise Unprocessable(f"A batch holds at most {self._settings.dspy_max_batch_items} items")
@@ -216,7 +220,7 @@ class DspyService:
         inputs: dict[str, Any],
         mode: str,
         timeout: float,
-        key: ApiKeyInfo,
+        key: Caller,
         batch_id: str | None = None,
         refusal: ExecutionFailed | None = None,
     ) -> tuple[ExecutionResult, ExecutionOutcome, ExecutionFailed | None]:
@@ -258,7 +262,7 @@ class DspyService:
             program_id=program.program_id,
             program_version=program.version,
             batch_id=batch_id,
-            key_id=key.id,
+            key_id=key.key_id,
             mode=mode,
             success=error is None,
             error=result.error,
@@ -273,7 +277,7 @@ class DspyService:
         )
         return result, outcome, error
 
-    async def execution(self, execution_id: str, key: ApiKeyInfo) -> ExecutionRecord:
+    async def execution(self, execution_id: str, key: Caller) -> ExecutionRecord:
         """Served to the key that ran it, or to an admin; to anyone else it does not exist."""
         await self.records.flush()
         row = await self.executions.get(execution_id)
@@ -306,7 +310,7 @@ class DspyService:
             language_model=self.models.default_model,
         )
 
-    async def clear_cache(self) -> Message:
+    async def clear_cache(self, actor: Caller) -> Message:
         """The built programs and DSPy's in-memory response cache."""
         import dspy
 

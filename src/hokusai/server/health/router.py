@@ -7,13 +7,12 @@ import time
 from datetime import UTC, datetime
 
 import psutil
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
 
-from hokusai.server.auth.dependencies import require_scope
-from hokusai.server.auth.keys import Scope
-from hokusai.server.auth.store import ApiKeyInfo
+from hokusai.server.auth.dependencies import allow
+from hokusai.server.deps import Caller, Health
 from hokusai.server.health.mlflow_checks import basic_checks, detailed_checks
 from hokusai.server.health.schemas import (
     BreakerReset,
@@ -26,10 +25,9 @@ from hokusai.server.health.schemas import (
     ReadinessCheck,
     VersionBody,
 )
-from hokusai.server.health.service import overall_status, run_checks, services_summary
+from hokusai.server.health.service import HealthSources, overall_status, run_checks, services_summary
 from hokusai.server.mlflow.breaker import BreakerState
 from hokusai.server.mlflow.upstream import ProbeResult
-from hokusai.server.runtime import Runtime, get_runtime
 
 logger = logging.getLogger(__name__)
 
@@ -43,20 +41,19 @@ def utc_timestamp() -> str:
 
 
 @router.get("/health", response_model=HealthBody)
-async def health(request: Request) -> HealthBody:
-    runtime = get_runtime(request)
-    results = await run_checks(runtime)
+async def health(sources: Health) -> HealthBody:
+    results = await run_checks(sources)
     return HealthBody(
         status=overall_status(results),
-        version=runtime.build.version,
-        services=services_summary(results, runtime.settings.database_kind),
+        version=sources.build.version,
+        services=services_summary(results, sources.settings.database_kind),
         timestamp=utc_timestamp(),
     )
 
 
 @router.get("/ready", response_model=ReadinessBody, responses={503: {"model": ReadinessBody}})
-async def ready(request: Request) -> JSONResponse:
-    results = [r for r in await run_checks(get_runtime(request)) if r.status != "disabled"]
+async def ready(sources: Health) -> JSONResponse:
+    results = [r for r in await run_checks(sources) if r.status != "disabled"]
     is_ready = all(r.passed for r in results if r.critical)
     body = ReadinessBody(
         ready=is_ready,
@@ -68,18 +65,18 @@ async def ready(request: Request) -> JSONResponse:
 
 
 @router.get("/live", response_model=LivenessBody)
-async def live(request: Request) -> LivenessBody:
+async def live(sources: Health) -> LivenessBody:
     rss_bytes = psutil.Process().memory_info().rss  # one read of /proc: no need for a thread
     return LivenessBody(
         alive=True,
-        uptime=round(get_runtime(request).uptime_seconds, 3),
+        uptime=round(sources.uptime_seconds, 3),
         memory_usage_mb=round(rss_bytes / 2**20, 1),
     )
 
 
 @router.get("/version", response_model=VersionBody)
-async def version(request: Request) -> VersionBody:
-    build = get_runtime(request).build
+async def version(sources: Health) -> VersionBody:
+    build = sources.build
     return VersionBody(
         version=build.version, build_date=build.build_date, git_commit=build.git_commit, api_version=API_VERSION
     )
@@ -94,10 +91,9 @@ async def metrics() -> Response:
 
 
 @router.get("/health/mlflow", responses={503: {"description": "MLflow unreachable or the breaker is open"}})
-async def mlflow_connection(request: Request) -> JSONResponse:
-    runtime = get_runtime(request)
-    state = runtime.mlflow.breaker.state
-    probe = await _mlflow_probe(runtime)
+async def mlflow_connection(sources: Health) -> JSONResponse:
+    state = sources.mlflow.breaker.state
+    probe = await _mlflow_probe(sources)
     body: dict = {"connected": probe.ok, "circuit_breaker_state": state.value}
     healthy = probe.ok and state is not BreakerState.OPEN
     if not healthy:
@@ -107,31 +103,30 @@ async def mlflow_connection(request: Request) -> JSONResponse:
     return JSONResponse(body, status_code=200 if healthy else 503)
 
 
-@router.post("/health/mlflow/reset", response_model=BreakerReset)
-async def reset_breaker(request: Request, key: ApiKeyInfo = Depends(require_scope(Scope.ADMIN))) -> BreakerReset:
-    get_runtime(request).mlflow.breaker.reset()
-    logger.warning("MLflow circuit breaker reset by API key %s", key.id)
+@router.post("/health/mlflow/reset", response_model=BreakerReset, dependencies=[Depends(allow("health:admin"))])
+async def reset_breaker(caller: Caller, sources: Health) -> BreakerReset:
+    sources.mlflow.breaker.reset()
+    logger.warning("MLflow circuit breaker reset by API key %s", caller.id)
     return BreakerReset(
         message="Circuit breaker reset successfully", timestamp=utc_timestamp(), reset_by="manual_api_call"
     )
 
 
 @router.get("/health/status")
-async def service_status(request: Request) -> dict:
-    runtime = get_runtime(request)
-    results = await run_checks(runtime)
-    summary = services_summary(results, runtime.settings.database_kind)
-    breaker = runtime.mlflow.breaker.snapshot()
+async def service_status(sources: Health) -> dict:
+    results = await run_checks(sources)
+    summary = services_summary(results, sources.settings.database_kind)
+    breaker = sources.mlflow.breaker.snapshot()
     memory = psutil.virtual_memory()
     return {
         "timestamp": utc_timestamp(),
-        "api_version": runtime.build.version,
+        "api_version": sources.build.version,
         "service_name": "hokusai-registry",
         "overall_health": overall_status(results),
         "services": summary,
         "mlflow": {
-            "server": runtime.mlflow.base_url,
-            "embedded": runtime.embedded_mlflow is not None,
+            "server": sources.mlflow.base_url,
+            "embedded": sources.embedded_mlflow,
             "status": {"connected": summary["mlflow"] == "healthy", "circuit_breaker_state": breaker.state.value},
             "circuit_breaker": {
                 "state": breaker.state.value,
@@ -143,25 +138,25 @@ async def service_status(request: Request) -> dict:
             },
         },
         # Present with Redis configured: whether calls skip it now (its breaker), and how often they have.
-        "redis": _redis_status(runtime, summary.get("redis", "disabled")),
+        "redis": _redis_status(sources, summary.get("redis", "disabled")),
         "system_info": {
             # System-wide CPU use since the previous call (primed at import), memory in use.
             "cpu_percent": psutil.cpu_percent(interval=None),
             "memory_percent": memory.percent,
             "process_memory_mb": round(psutil.Process().memory_info().rss / 2**20, 1),
         },
-        "uptime_seconds": round(runtime.uptime_seconds, 3),
-        "environment": runtime.settings.environment,
+        "uptime_seconds": round(sources.uptime_seconds, 3),
+        "environment": sources.settings.environment,
     }
 
 
 psutil.cpu_percent(interval=None)  # the first reading only sets the baseline
 
 
-def _redis_status(runtime: Runtime, status: str) -> dict:
-    if runtime.redis_breaker is None:
+def _redis_status(sources: HealthSources, status: str) -> dict:
+    if sources.redis_breaker is None:
         return {"status": status}
-    breaker = runtime.redis_breaker.snapshot()
+    breaker = sources.redis_breaker.snapshot()
     return {
         "status": status,
         "circuit_breaker": {
@@ -178,32 +173,30 @@ def _redis_status(runtime: Runtime, status: str) -> dict:
 # Public and each worth one to seven MLflow calls: answered from the health cache (one run per check per TTL).
 
 
-async def _mlflow_probe(runtime: Runtime) -> ProbeResult:
-    timeout = runtime.settings.health_check_timeout
-    return await runtime.health_cache.get("mlflow_probe", lambda: runtime.mlflow.probe("GET", "/health", timeout))
+async def _mlflow_probe(sources: HealthSources) -> ProbeResult:
+    timeout = sources.settings.health_check_timeout
+    return await sources.cache.get("mlflow_probe", lambda: sources.mlflow.probe("GET", "/health", timeout))
 
 
-async def _mlflow_health(request: Request) -> JSONResponse:
-    runtime = get_runtime(request)
-    timeout = runtime.settings.health_check_timeout
-    checks = await runtime.health_cache.get("mlflow_basic", lambda: basic_checks(runtime.mlflow, timeout))
+async def _mlflow_health(sources: Health) -> JSONResponse:
+    timeout = sources.settings.health_check_timeout
+    checks = await sources.cache.get("mlflow_basic", lambda: basic_checks(sources.mlflow, timeout))
     healthy = all(check["status"] == "healthy" for check in checks.values())
     body = MlflowHealth(
-        status="healthy" if healthy else "unhealthy", mlflow_server=runtime.mlflow.base_url, checks=checks
+        status="healthy" if healthy else "unhealthy", mlflow_server=sources.mlflow.base_url, checks=checks
     )
     return JSONResponse(body.model_dump(), status_code=200 if healthy else 503)
 
 
-async def _mlflow_detailed(request: Request) -> MlflowDetailedHealth:
-    runtime = get_runtime(request)
-    timeout = runtime.settings.health_check_timeout
-    tests = await runtime.health_cache.get("mlflow_detailed", lambda: detailed_checks(runtime.mlflow, timeout))
+async def _mlflow_detailed(sources: Health) -> MlflowDetailedHealth:
+    timeout = sources.settings.health_check_timeout
+    tests = await sources.cache.get("mlflow_detailed", lambda: detailed_checks(sources.mlflow, timeout))
     artifacts = next(test for test in tests if test["endpoint"] == "artifacts_list")
     return MlflowDetailedHealth(
-        mlflow_server=runtime.mlflow.base_url,
+        mlflow_server=sources.mlflow.base_url,
         timestamp=time.strftime("%a %b %e %H:%M:%S UTC %Y", time.gmtime()),
         environment={
-            "MLFLOW_SERVER_URL": runtime.mlflow.base_url,
+            "MLFLOW_SERVER_URL": sources.mlflow.base_url,
             # Observed, not configured: whether the server answered the artifacts API just now.
             "MLFLOW_SERVE_ARTIFACTS": "true" if artifacts["success"] else "false",
             "PROXY_DEBUG": logger.isEnabledFor(logging.DEBUG),
@@ -213,13 +206,12 @@ async def _mlflow_detailed(request: Request) -> MlflowDetailedHealth:
     )
 
 
-async def _mlflow_connectivity(request: Request) -> MlflowConnectivity:
-    runtime = get_runtime(request)
-    probe = await _mlflow_probe(runtime)
+async def _mlflow_connectivity(sources: Health) -> MlflowConnectivity:
+    probe = await _mlflow_probe(sources)
     status = "connected" if probe.ok else "timeout" if probe.timed_out else "error"
     return MlflowConnectivity(
         status=status,
-        mlflow_server=runtime.mlflow.base_url,
+        mlflow_server=sources.mlflow.base_url,
         response_code=probe.status_code,
         response_time_ms=probe.response_time_ms,
         error=probe.error,

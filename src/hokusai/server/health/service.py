@@ -8,12 +8,37 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal
 
+from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from hokusai.server.runtime import Runtime
+from hokusai.server.buildinfo import BuildInfo
+from hokusai.server.config import Settings
+from hokusai.server.db import Database
+from hokusai.server.health.cache import HealthCache
+from hokusai.server.mlflow.upstream import MlflowUpstream
+from hokusai.server.redis_breaker import RedisBreaker
 
 CheckStatus = Literal["healthy", "unhealthy", "disabled"]
 OverallStatus = Literal["healthy", "degraded", "unhealthy"]
+
+
+@dataclass(frozen=True)
+class HealthSources:
+    """What the health routes look at: the parts of the running service, built once in the lifespan."""
+
+    settings: Settings
+    database: Database
+    mlflow: MlflowUpstream
+    embedded_mlflow: bool  # whether MLflow is this service's own child process
+    redis: Redis | None
+    redis_breaker: RedisBreaker | None
+    cache: HealthCache
+    build: BuildInfo
+    started_at: float  # time.monotonic() at start
+
+    @property
+    def uptime_seconds(self) -> float:
+        return time.monotonic() - self.started_at
 
 
 @dataclass(frozen=True)
@@ -45,40 +70,40 @@ def _describe(exc: Exception) -> str:
     return str(detail).splitlines()[0][:300]
 
 
-async def run_checks(runtime: Runtime) -> list[CheckResult]:
+async def run_checks(sources: HealthSources) -> list[CheckResult]:
     """Database and MLflow are critical (the service cannot serve without them); Redis is not.
 
     Answered from the health cache: public routes (/health, /ready, /health/status) share one run per TTL.
     """
-    return await runtime.health_cache.get("services", lambda: _run_checks_now(runtime))
+    return await sources.cache.get("services", lambda: _run_checks_now(sources))
 
 
-async def _run_checks_now(runtime: Runtime) -> list[CheckResult]:
-    timeout = runtime.settings.health_check_timeout
+async def _run_checks_now(sources: HealthSources) -> list[CheckResult]:
+    timeout = sources.settings.health_check_timeout
     probes = [
-        _timed("database", True, runtime.database.ping, timeout),
-        _timed("mlflow", True, lambda: runtime.mlflow.ping(timeout), timeout),
+        _timed("database", True, sources.database.ping, timeout),
+        _timed("mlflow", True, lambda: sources.mlflow.ping(timeout), timeout),
     ]
-    if runtime.redis is not None:
-        probes.append(_timed("redis", False, lambda: _ping_redis(runtime), timeout))
+    if sources.redis is not None:
+        probes.append(_timed("redis", False, lambda: _ping_redis(sources), timeout))
     results = list(await asyncio.gather(*probes))
-    if runtime.redis is None:
+    if sources.redis is None:
         results.append(CheckResult("redis", "disabled", False))
     # No message broker is wired into the service yet: reported as such rather than invented.
     results.append(CheckResult("message_queue", "disabled", False))
     return results
 
 
-async def _ping_redis(runtime: Runtime) -> None:
+async def _ping_redis(sources: HealthSources) -> None:
     """A ping through the Redis breaker: while it is open Redis is reported down without waiting on it."""
-    assert runtime.redis is not None
-    breaker = runtime.redis_breaker
+    assert sources.redis is not None
+    breaker = sources.redis_breaker
     if breaker is None:
-        await runtime.redis.ping()
+        await sources.redis.ping()
         return
     breaker.check()
     try:
-        await runtime.redis.ping()
+        await sources.redis.ping()
     except RedisError as exc:
         breaker.record_failure(exc)
         raise

@@ -1,4 +1,5 @@
-"""What the gateway forwards, and what it needs: pure functions over paths, headers and queries (no I/O)."""
+"""The gateway's rules: what it forwards and what scope each MLflow route needs, as pure functions over paths,
+headers and queries (no I/O). The forwarding itself (the ASGI middleware) is proxy.py."""
 
 from __future__ import annotations
 

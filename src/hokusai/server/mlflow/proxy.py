@@ -2,17 +2,19 @@
 
 Path mapping is a prefix rewrite: `/mlflow/api/2.0/mlflow/runs/create` -> `<upstream>/api/2.0/mlflow/runs/create`
 (likewise `/api/mlflow/...`), so the stock client works with MLFLOW_TRACKING_URI=<service>/mlflow and MLflow
-itself needs no --static-prefix. Bodies stream in both directions; nothing is buffered.
+itself needs no --static-prefix. Bodies with a declared length up to SMALL_BODY_BYTES (256 KB) are read whole;
+larger or unsized ones stream in both directions, at most one chunk held at a time.
 
 It is a pure ASGI middleware rather than a FastAPI route: every MLflow client call passes here, and FastAPI's
 routing, dependency solving and exception middlewares cost more than the forwarding itself (py-spy: ~75% of the
-gateway's CPU per small call). Authentication is the same `authenticate` the routes use; errors become the same
-JSON bodies through `errors.error_response_for`.
+gateway's CPU per small call). Callers pass the same gate the routes use (identify, throttle, then the policy
+authorizes the action the scope table gives the route); errors become the same JSON bodies through
+`errors.error_response_for`.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 import aiohttp
@@ -21,11 +23,11 @@ from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hokusai.server.auth.dependencies import authenticate
+from hokusai.server.auth.caller import Caller
+from hokusai.server.auth.gate import Gate
 from hokusai.server.auth.keys import Scope as KeyScope
-from hokusai.server.auth.keys import grants
-from hokusai.server.auth.store import ApiKeyInfo
-from hokusai.server.errors import HokusaiError, PermissionDenied, error_response_for
+from hokusai.server.auth.policy import gateway_action
+from hokusai.server.errors import HokusaiError, error_response_for
 from hokusai.server.mlflow.gateway import (
     forwarded_request_headers,
     forwarded_response_headers,
@@ -34,7 +36,7 @@ from hokusai.server.mlflow.gateway import (
     upstream_query,
     upstream_raw_path,
 )
-from hokusai.server.runtime import get_runtime
+from hokusai.server.mlflow.upstream import MlflowUpstream
 
 GATEWAY_PREFIXES = ("/mlflow", "/api/mlflow")
 # Our own routes under the gateway prefixes (the MLflow health family), served by the app, not forwarded.
@@ -78,9 +80,20 @@ def gateway_prefix(path: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class GatewayParts:
+    """What the gateway works with: built in the lifespan, after the middleware itself is constructed."""
+
+    upstream: MlflowUpstream
+    gate: Gate
+    on_registry_change: Callable[[], Awaitable[object]]  # a write to registered models went through
+
+
 class MlflowGateway:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, parts: Callable[[], GatewayParts]) -> None:
+        """`parts` gives the lifespan's collaborators (the middleware stack is built before the lifespan runs)."""
         self.app = app
+        self.parts = parts
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["path"] in GATEWAY_PREFIXES:
@@ -94,16 +107,16 @@ class MlflowGateway:
             return
         scope["route"] = ROUTES[prefix]
         request = Request(scope, receive)
+        parts = self.parts()
         try:
-            response = await forward(request, prefix, await authenticate(request))
+            response = await forward(request, prefix, await parts.gate.caller(request), parts)
         except HokusaiError as exc:
             response = error_response_for(request, exc)
         await response(scope, receive, send)
 
 
-async def forward(request: Request, prefix: str, key: ApiKeyInfo) -> Response:
-    runtime = get_runtime(request)
-    upstream = runtime.mlflow
+async def forward(request: Request, prefix: str, caller: Caller, parts: GatewayParts) -> Response:
+    upstream = parts.upstream
     scope = request.scope
     path = upstream_raw_path(scope.get("raw_path") or scope["path"].encode(), prefix)
     route_path = path.decode("latin-1")
@@ -114,8 +127,7 @@ async def forward(request: Request, prefix: str, key: ApiKeyInfo) -> Response:
     else:
         needed = required_scope(request.method, route_path)
         body = None
-    if not grants(key.scopes, needed):
-        raise PermissionDenied(f"This API key lacks the '{needed.value}' scope")
+    parts.gate.policy.authorize(caller, gateway_action(needed), route_path)
     if body is None:
         body = await _body(request)
 
@@ -130,7 +142,7 @@ async def forward(request: Request, prefix: str, key: ApiKeyInfo) -> Response:
         request.method, path, upstream_query(scope.get("query_string", b"")), headers, body=body
     )
     if needed is not KeyScope.READ and changes_registry(path):
-        await runtime.registry.cache.invalidate()
+        await parts.on_registry_change()
     if _declared_length(upstream_response.headers.get("content-length")) <= SMALL_BODY_BYTES:
         # Small JSON answers (most MLflow calls) go out in one message: streaming costs more than it saves here.
         response: Response = Response(await upstream.read_body(upstream_response), status_code=upstream_response.status)

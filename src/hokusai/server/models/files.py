@@ -16,10 +16,9 @@ from pathlib import Path
 
 import anyio
 
+from hokusai.server.mlflow.registry_client import RegistryClient, version_number
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.registry.download import list_files, save_files, served_artifact_root
-from hokusai.server.registry.mlflow_api import MlflowApi
-from hokusai.server.registry.service import ModelNotFound, version_number
 
 LOCATED_VERSIONS = 1000
 
@@ -36,7 +35,7 @@ class ModelFiles:
         in_use: Callable[[], set[Path]] = set,
     ) -> None:
         self._upstream = upstream
-        self._api = MlflowApi(upstream)
+        self._mlflow = RegistryClient.over(upstream)
         self.cache_dir = cache_dir
         self._max_bytes = max_bytes
         self._in_use = in_use
@@ -58,13 +57,7 @@ class ModelFiles:
         return directory
 
     async def _locate(self, name: str, version: str) -> Path:
-        located = await self._api(
-            "GET",
-            "/model-versions/get-download-uri",
-            params={"name": name, "version": version},
-            not_found=ModelNotFound(name, version),
-        )
-        root = served_artifact_root(located["artifact_uri"])
+        root = served_artifact_root(await self._mlflow.download_uri(name, version))
         # Versions never change their files, so a complete download is reused (the root names the files).
         directory = self.cache_dir / hashlib.sha256(f"{name}\0{version}\0{root}".encode()).hexdigest()[:32]
         if await anyio.Path(directory).exists():

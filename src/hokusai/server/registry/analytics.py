@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from hokusai.server.config import Settings
 from hokusai.server.db import Database
+from hokusai.server.mlflow.registry_client import RegistryClient
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.models.files import ModelFiles
 from hokusai.server.models.pool import ModelWorkerPool, WorkerLimits
@@ -14,7 +15,6 @@ from hokusai.server.registry.contributors import ContributionStore
 from hokusai.server.registry.evaluation import EvaluationService
 from hokusai.server.registry.impact import ImpactService
 from hokusai.server.registry.lineage import LineageService
-from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.registry.performance import PerformanceService
 from hokusai.server.registry.predictions import PredictionService, PredictionStore
 from hokusai.server.registry.versions import MetricDirection, VersionReader
@@ -33,7 +33,7 @@ class ModelAnalytics:
 
     @classmethod
     def build(cls, settings: Settings, upstream: MlflowUpstream, database: Database) -> ModelAnalytics:
-        reader = VersionReader(MlflowApi(upstream), settings.evaluation_experiment)
+        reader = VersionReader(RegistryClient.over(upstream), settings.evaluation_experiment)
         direction = MetricDirection(settings.lower_is_better)
         lineage = LineageService(reader, database, direction)
         cache_dir = settings.home / "model-cache"

@@ -19,8 +19,8 @@ class ComparisonService:
         self, first: str, second: str, metric: str | None = None, tolerance: float | None = None
     ) -> Comparison:
         references = ModelReference.parse(first), ModelReference.parse(second)
-        raws = await asyncio.gather(*(self._reader.resolve(reference) for reference in references))
-        one, two = await asyncio.gather(*(self._reader.facts(raw) for raw in raws))
+        versions = await asyncio.gather(*(self._reader.resolve(reference) for reference in references))
+        one, two = await asyncio.gather(*(self._reader.facts(version) for version in versions))
         metrics1, metrics2 = one.metrics(), two.metrics()
         shared = sorted(metrics1.keys() & metrics2.keys())
         delta = {key: metrics2[key] - metrics1[key] for key in shared}

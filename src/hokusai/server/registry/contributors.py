@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from typing import Any
 
 from Crypto.Hash import keccak
@@ -49,7 +50,7 @@ def checksum_address(address: str) -> str:
     return checksummed
 
 
-def contributor_shares(tags: dict[str, Any]) -> list[ContributorShare]:
+def contributor_shares(tags: Mapping[str, Any]) -> list[ContributorShare]:
     """The contributors a version's tags (or register metadata) name, checksummed; InvalidRequest when malformed."""
     listed = tags.get(CONTRIBUTORS_TAG)
     if listed not in (None, "", []):
@@ -82,7 +83,7 @@ def _weighted(listed: Any) -> list[ContributorShare]:
     return [ContributorShare(address=address, weight=weight) for address, weight in shares.items()]
 
 
-def contributors_in_tags(tags: dict[str, str]) -> list[ContributorShare]:
+def contributors_in_tags(tags: Mapping[str, str]) -> list[ContributorShare]:
     """Like contributor_shares, for tags already stored in MLflow: a malformed entry names nobody."""
     try:
         return contributor_shares(tags)

@@ -29,12 +29,12 @@ from sqlalchemy import select, update
 
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
+from hokusai.server.mlflow.registry_client import ModelVersion
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.models.files import ModelFiles
 from hokusai.server.models.pool import ModelSource, ModelWorkerPool
 from hokusai.server.models.protocol import frame_to_arrow
 from hokusai.server.registry.download import ArtifactFile, save_files, served_artifact_root
-from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.registry.models import EvaluationRow
 from hokusai.server.registry.predictions import model_source
 from hokusai.server.registry.registration import RUN_ARTIFACT
@@ -185,7 +185,7 @@ class EvaluationService:
         sync_max_bytes: int,
     ) -> None:
         self._upstream = upstream
-        self._api = MlflowApi(upstream)
+        self._mlflow = reader.mlflow
         self._database = database
         self._reader = reader
         self._files = files
@@ -212,7 +212,7 @@ class EvaluationService:
 
     async def evaluate(self, request: EvaluateRequest) -> Evaluation:
         """Checked at once (version, dataset); then run here, or queued when the dataset is large."""
-        raw = await self._reader.version(request.model_name, request.model_version)
+        found = await self._reader.version(request.model_name, request.model_version)
         dataset = await self._locate(request.dataset_path)
         evaluation_id = "ev_" + secrets.token_hex(12)
         background = dataset.size > self._sync_max_bytes
@@ -220,19 +220,19 @@ class EvaluationService:
             session.add(
                 EvaluationRow(
                     id=evaluation_id,
-                    model_name=raw["name"],
-                    version=raw["version"],
+                    model_name=found.name,
+                    version=found.version,
                     dataset_path=request.dataset_path,
                     status="queued" if background else "running",
                     created_at=utcnow(),
                 )
             )
         if background:
-            task = asyncio.create_task(self._run(evaluation_id, raw, dataset, request))
+            task = asyncio.create_task(self._run(evaluation_id, found, dataset, request))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
         else:
-            await self._run(evaluation_id, raw, dataset, request, reraise=True)
+            await self._run(evaluation_id, found, dataset, request, reraise=True)
         return await self.get(evaluation_id)
 
     async def get(self, evaluation_id: str) -> Evaluation:
@@ -269,7 +269,7 @@ class EvaluationService:
             run = await self._reader.run(match["run_id"])
             if run is None:
                 raise InvalidRequest(f"Dataset not found: run {match['run_id']} does not exist")
-            root, path = served_artifact_root(run["info"]["artifact_uri"]), (match["path"] or "").strip("/")
+            root, path = served_artifact_root(run.artifact_uri), (match["path"] or "").strip("/")
         else:
             root, path = "", served_artifact_root(uri)
         if not path or ".." in PurePosixPath(path).parts:
@@ -288,7 +288,7 @@ class EvaluationService:
     async def _run(
         self,
         evaluation_id: str,
-        raw: dict[str, Any],
+        version: ModelVersion,
         dataset: DatasetLocation,
         request: EvaluateRequest,
         reraise: bool = False,
@@ -296,7 +296,7 @@ class EvaluationService:
         try:
             async with self._running:
                 await self._set(evaluation_id, status="running")
-                result = await self._measure(raw, dataset, request)
+                result = await self._measure(version, dataset, request)
         except asyncio.CancelledError:
             await asyncio.shield(self._set(evaluation_id, status="failed", error=INTERRUPTED, finished_at=utcnow()))
             raise
@@ -317,9 +317,9 @@ class EvaluationService:
         async with self._database.session() as session, session.begin():
             await session.execute(update(EvaluationRow).where(EvaluationRow.id == evaluation_id).values(**values))
 
-    async def _measure(self, raw: dict[str, Any], dataset: DatasetLocation, request: EvaluateRequest) -> dict:
+    async def _measure(self, version: ModelVersion, dataset: DatasetLocation, request: EvaluateRequest) -> dict:
         started = time.perf_counter()
-        source = await model_source(self._files, raw["name"], raw["version"])
+        source = await model_source(self._files, version.name, version.version)
         if dataset.local is not None:
             frame, digest = await anyio.to_thread.run_sync(read_dataset, dataset.local, dataset.kind)
         else:
@@ -332,7 +332,7 @@ class EvaluationService:
                 await anyio.to_thread.run_sync(shutil.rmtree, scratch, True)
         scores = await self._score(source, frame, request)
         duration = time.perf_counter() - started
-        run_id = await self._log_run(raw, dataset, digest, len(frame), request, scores)
+        run_id = await self._log_run(version, dataset, digest, len(frame), request, scores)
         return {
             "metrics": scores,
             "sample_count": len(frame),
@@ -351,7 +351,7 @@ class EvaluationService:
 
     async def _log_run(
         self,
-        raw: dict[str, Any],
+        version: ModelVersion,
         dataset: DatasetLocation,
         digest: str,
         rows: int,
@@ -361,56 +361,28 @@ class EvaluationService:
         """An MLflow run holding the scores (as eval_*), the dataset as an input, tagged with the version."""
         experiment_id = await self._reader.evaluation_experiment_id(create=True)
         now = int(time.time() * 1000)
-        created = await self._api(
-            "POST",
-            "/runs/create",
-            json={
-                "experiment_id": experiment_id,
-                "start_time": now,
-                "run_name": f"evaluate {raw['name']}:{raw['version']}",
-                "tags": [
-                    {"key": EVALUATED_MODEL_TAG, "value": raw["name"]},
-                    {"key": EVALUATED_VERSION_TAG, "value": raw["version"]},
-                ],
+        run_id = await self._mlflow.create_run(
+            experiment_id,
+            now,
+            f"evaluate {version.name}:{version.version}",
+            {EVALUATED_MODEL_TAG: version.name, EVALUATED_VERSION_TAG: version.version},
+        )
+        await self._mlflow.log_batch(
+            run_id,
+            {EVALUATION_PREFIX + name: value for name, value in scores.items()},
+            {"dataset_path": request.dataset_path, "target_column": request.target_column, "sample_count": str(rows)},
+            timestamp=now,
+        )
+        await self._mlflow.log_input(
+            run_id,
+            {
+                "name": PurePosixPath(request.dataset_path).stem,
+                "digest": digest[:16],
+                "source_type": "local" if dataset.local else "mlflow-artifacts",
+                "source": json.dumps({"uri": request.dataset_path}),
+                "profile": json.dumps({"num_rows": rows}),
             },
+            tags={"mlflow.data.context": "evaluation"},
         )
-        run_id = created["run"]["info"]["run_id"]
-        await self._api(
-            "POST",
-            "/runs/log-batch",
-            json={
-                "run_id": run_id,
-                "metrics": [
-                    {"key": EVALUATION_PREFIX + name, "value": value, "timestamp": now, "step": 0}
-                    for name, value in scores.items()
-                ],
-                "params": [
-                    {"key": "dataset_path", "value": request.dataset_path},
-                    {"key": "target_column", "value": request.target_column},
-                    {"key": "sample_count", "value": str(rows)},
-                ],
-            },
-        )
-        await self._api(
-            "POST",
-            "/runs/log-inputs",
-            json={
-                "run_id": run_id,
-                "datasets": [
-                    {
-                        "tags": [{"key": "mlflow.data.context", "value": "evaluation"}],
-                        "dataset": {
-                            "name": PurePosixPath(request.dataset_path).stem,
-                            "digest": digest[:16],
-                            "source_type": "local" if dataset.local else "mlflow-artifacts",
-                            "source": json.dumps({"uri": request.dataset_path}),
-                            "profile": json.dumps({"num_rows": rows}),
-                        },
-                    }
-                ],
-            },
-        )
-        await self._api(
-            "POST", "/runs/update", json={"run_id": run_id, "status": "FINISHED", "end_time": int(time.time() * 1000)}
-        )
+        await self._mlflow.finish_run(run_id, int(time.time() * 1000))
         return run_id

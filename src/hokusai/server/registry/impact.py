@@ -36,13 +36,13 @@ class ImpactService:
 
     async def record_version(self, name: str, version: str) -> int:
         """(Re)record the contributions of one version; how many there are."""
-        raw = await self._reader.version(name, version)
-        facts = await self._reader.facts(raw)
+        found = await self._reader.version(name, version)
+        facts = await self._reader.facts(found)
         shares = contributors_in_tags(facts.tags)
         if not shares:
             await self._store.replace(facts.name, facts.version, [])
             return 0
-        parent = await self._lineage.parent(raw)
+        parent = await self._lineage.parent(found)
         parent_facts = None
         if parent is not None:
             try:
@@ -75,9 +75,9 @@ class ImpactService:
     async def rebuild(self) -> RebuildReport:
         """Every version in MLflow read again (a page of 1,000 at a time) and its contributions recorded anew."""
         seen = named = recorded = 0
-        async for raw in self._reader.every_version():
+        async for version in self._reader.every_version():
             seen += 1
-            if contributors_in_tags({t["key"]: t.get("value", "") for t in raw.get("tags", [])}):
+            if contributors_in_tags(version.tags):
                 named += 1
-                recorded += await self.record_version(raw["name"], raw["version"])
+                recorded += await self.record_version(version.name, version.version)
         return RebuildReport(seen, named, recorded)

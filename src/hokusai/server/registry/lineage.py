@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-from typing import Any
+from collections.abc import Mapping
 
 from sqlalchemy import select
 
 from hokusai.server.db import Database
 from hokusai.server.errors import InvalidRequest, NotFound
+from hokusai.server.mlflow.registry_client import ModelVersion, Run
 from hokusai.server.registry.contributors import contributors_in_tags
 from hokusai.server.registry.inputs import canonical_version, holdable_name
 from hokusai.server.registry.models import ModelIdRow
@@ -25,7 +26,6 @@ from hokusai.server.registry.versions import (
     VersionFacts,
     VersionReader,
     benchmark_step,
-    tags_of,
 )
 from hokusai.server.timestamps import from_millis, iso
 
@@ -60,18 +60,17 @@ class LineageService:
         async with self._database.session() as session:
             return await session.scalar(select(ModelIdRow.model_id).where(ModelIdRow.name == name))
 
-    async def parent(self, raw: dict[str, Any], siblings: list[dict[str, Any]] | None = None) -> tuple[str, str] | None:
+    async def parent(self, version: ModelVersion, siblings: list[ModelVersion] | None = None) -> tuple[str, str] | None:
         """The version this one improves on: named by its tags, else the previous version of the same model."""
-        tags = tags_of(raw)
-        named = await self._named_parent(raw["name"], tags)
+        named = await self._named_parent(version.name, version.tags)
         if named is not None:
             return named
         if siblings is None:
-            siblings = await self._reader.all_versions(raw["name"])
-        earlier = [int(v["version"]) for v in siblings if int(v["version"]) < int(raw["version"])]
-        return (raw["name"], str(max(earlier))) if earlier else None
+            siblings = await self._reader.all_versions(version.name)
+        earlier = [int(v.version) for v in siblings if int(v.version) < int(version.version)]
+        return (version.name, str(max(earlier))) if earlier else None
 
-    async def _named_parent(self, name: str, tags: dict[str, str]) -> tuple[str, str] | None:
+    async def _named_parent(self, name: str, tags: Mapping[str, str]) -> tuple[str, str] | None:
         """A tag that names no version (`parent_version=latest`) is ignored: stored data never fails a read."""
         parent = tags.get(PARENT_VERSION_TAG, "").strip()
         if (number := canonical_version(parent)) is not None:
@@ -87,27 +86,26 @@ class LineageService:
         return None
 
     async def version_lineage(self, name: str, version: str) -> VersionLineage:
-        raw = await self._reader.version(name, version)
+        found = await self._reader.version(name, version)
         parent, run, model_id = await asyncio.gather(
-            self.parent(raw),
-            self._reader.run(raw.get("run_id")),
-            self.model_id(raw["name"]),
+            self.parent(found),
+            self._reader.run(found.run_id),
+            self.model_id(found.name),
         )
         datasets = datasets_of(run)
-        tags = tags_of(raw)
         training_data = [dataset.name for dataset in datasets if dataset.context in (None, "training", "train")]
         if not training_data:
-            training_data = training_data_tag(tags.get(TRAINING_DATA_TAG, ""))
-        experiments = [run["info"]["experiment_id"]] if run else []
+            training_data = training_data_tag(found.tags.get(TRAINING_DATA_TAG, ""))
+        experiments = [run.experiment_id] if run else []
         return VersionLineage(
-            model=f"{raw['name']}:{raw['version']}",
+            model=f"{found.name}:{found.version}",
             model_id=model_id,
-            run_id=raw.get("run_id") or None,
+            run_id=found.run_id,
             parents=[f"{parent[0]}:{parent[1]}"] if parent else [],
             training_data=training_data,
             datasets=datasets,
             experiments=experiments,
-            contributors=contributors_in_tags(tags),
+            contributors=contributors_in_tags(found.tags),
         )
 
     async def improvement_history(self, model_id: str) -> ImprovementHistory:
@@ -125,18 +123,18 @@ class LineageService:
             raise ModelNotRegistered(model_id)
         facts = await self._reader.facts_of_versions(versions)
         # A version that names no benchmark (nor does its parent) is measured on the model's latest named one.
-        default_metric = next((m for v in reversed(versions) if (m := facts[v["version"]].benchmark_metric())), None)
+        default_metric = next((m for v in reversed(versions) if (m := facts[v.version].benchmark_metric())), None)
         steps = []
-        for raw in versions:
-            own = facts[raw["version"]]
-            parent = await self.parent(raw, versions)
+        for each in versions:
+            own = facts[each.version]
+            parent = await self.parent(each, versions)
             step = benchmark_step(own, await self._facts_of(parent, name, facts), self._direction, default_metric)
             contributors = contributors_in_tags(own.tags)
             steps.append(
                 ImprovementStep(
-                    version=raw["version"],
+                    version=each.version,
                     metrics=own.metrics(),
-                    created_at=iso(from_millis(raw.get("creation_timestamp"))),
+                    created_at=iso(from_millis(each.created_ms)),
                     contributor=contributors[0].address if len(contributors) == 1 else None,
                     contributors=contributors,
                     parent=f"{parent[0]}:{parent[1]}" if parent else None,
@@ -175,22 +173,18 @@ def _version_reference(value: str) -> tuple[str, str] | None:
     return (reference.name, number) if number is not None else None
 
 
-def datasets_of(run: dict[str, Any] | None) -> list[DatasetInput]:
+def datasets_of(run: Run | None) -> list[DatasetInput]:
     """Datasets logged on the run with mlflow.log_input."""
-    found = []
-    for entry in ((run or {}).get("inputs") or {}).get("dataset_inputs", []):
-        dataset = entry.get("dataset", {})
-        context = tags_of(entry).get("mlflow.data.context")
-        found.append(
-            DatasetInput(
-                name=dataset.get("name", ""),
-                digest=dataset.get("digest", ""),
-                source_type=dataset.get("source_type", ""),
-                source=dataset.get("source", ""),
-                context=context,
-            )
+    return [
+        DatasetInput(
+            name=dataset.name,
+            digest=dataset.digest,
+            source_type=dataset.source_type,
+            source=dataset.source,
+            context=dataset.context,
         )
-    return found
+        for dataset in (run.datasets if run is not None else ())
+    ]
 
 
 def training_data_tag(value: str) -> list[str]:

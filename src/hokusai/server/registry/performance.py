@@ -39,10 +39,10 @@ class PerformanceService:
         self._window_seconds = window_seconds
 
     async def metrics(self, name: str, version: str) -> VersionMetrics:
-        raw = await self._reader.version(name, version)
+        found = await self._reader.version(name, version)
         facts, production = await asyncio.gather(
-            self._reader.facts(raw),
-            self._predictions.production_metrics(raw["name"], raw["version"], self._window_seconds),
+            self._reader.facts(found),
+            self._predictions.production_metrics(found.name, found.version, self._window_seconds),
         )
         recorded = facts.recorded_metrics()
         training, validation = split_by_prefix(recorded)
@@ -52,5 +52,5 @@ class PerformanceService:
             training_metrics=training,
             validation_metrics=validation,
             production_metrics=production,
-            evaluation_run_id=facts.evaluation["info"]["run_id"] if facts.evaluation else None,
+            evaluation_run_id=facts.evaluation.run_id if facts.evaluation else None,
         )

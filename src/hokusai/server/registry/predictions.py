@@ -18,6 +18,7 @@ from sqlalchemy import Date, cast, func, select
 
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import HokusaiError, InvalidRequest, Unprocessable
+from hokusai.server.mlflow.registry_client import version_number
 from hokusai.server.models.files import ModelFiles
 from hokusai.server.models.pool import ModelSource, ModelUnusable, ModelWorkerPool
 from hokusai.server.registry.models import PredictionRow
@@ -28,7 +29,6 @@ from hokusai.server.registry.schemas import (
     PredictResponse,
     ProductionMetrics,
 )
-from hokusai.server.registry.service import version_number
 
 
 async def model_source(files: ModelFiles, name: str, version: str) -> ModelSource:

@@ -10,7 +10,6 @@ import hashlib
 import json
 import re
 import secrets
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,12 +18,11 @@ from sqlalchemy.exc import IntegrityError
 
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import Conflict, InvalidRequest, NotFound
+from hokusai.server.mlflow.registry_client import LOGGED_MODEL, ModelNotFound, RegistryClient
 from hokusai.server.registry.inputs import canonical_version, holdable_name
 from hokusai.server.registry.models import IdempotencyRow, ModelIdRow
 
-MlflowCall = Callable[..., Awaitable[dict[str, Any]]]
 MODEL_ID_TAG = "hokusai_model_id"
-LOGGED_MODEL = re.compile(r"^models:/(m-[0-9a-f]{32})$")
 MODEL_VERSION = re.compile(r"^models:/(?P<name>[^/@]+)/(?P<version>[0-9]+)$")
 RUN_ARTIFACT = re.compile(r"^runs:/(?P<run_id>[0-9a-f]{32})(?:/(?P<path>.*))?$")
 SERVED_RUN_ARTIFACT = re.compile(r"^mlflow-artifacts:/+[^/]+/(?P<run_id>[0-9a-f]{32})/artifacts(?:/(?P<path>.*))?$")
@@ -46,70 +44,62 @@ class ResolvedSource:
     name: str | None = None
 
 
-async def resolve_source(call: MlflowCall, model_data: str) -> ResolvedSource:
+async def resolve_source(mlflow: RegistryClient, model_data: str) -> ResolvedSource:
     model_data = model_data.strip()
     if match := LOGGED_MODEL.match(model_data):
-        return await _logged_model(call, match.group(1))
+        return await _logged_model(mlflow, match.group(1))
     if match := MODEL_VERSION.match(model_data):
         name, version = match["name"], canonical_version(match["version"])
         if version is None or not holdable_name(name):  # MLflow would answer 500 (a number it cannot bind)
             raise SourceNotFound(f"model version {name}:{match['version']}")
-        found = await call(
-            "GET",
-            "/model-versions/get",
-            params={"name": name, "version": version},
-            not_found=SourceNotFound(f"model version {name}:{version}"),
-        )
-        existing = found["model_version"]
-        if logged := LOGGED_MODEL.match(existing.get("source", "")):
-            return await _logged_model(call, logged.group(1), name=name)
-        return ResolvedSource(existing["source"], run_id=existing.get("run_id") or None, name=name)
+        try:
+            existing = await mlflow.get_version(name, version)
+        except ModelNotFound:
+            raise SourceNotFound(f"model version {name}:{version}") from None
+        if existing.logged_model_id is not None:
+            return await _logged_model(mlflow, existing.logged_model_id, name=name)
+        return ResolvedSource(existing.source, run_id=existing.run_id, name=name)
     if match := RUN_ARTIFACT.match(model_data):
-        return await _run_artifact(call, match["run_id"], (match["path"] or "").strip("/"))
+        return await _run_artifact(mlflow, match["run_id"], (match["path"] or "").strip("/"))
     if match := SERVED_LOGGED_MODEL.match(model_data):
-        return await _logged_model(call, match["model_id"])
+        return await _logged_model(mlflow, match["model_id"])
     if match := SERVED_RUN_ARTIFACT.match(model_data):
-        return await _run_artifact(call, match["run_id"], (match["path"] or "").strip("/"))
+        return await _run_artifact(mlflow, match["run_id"], (match["path"] or "").strip("/"))
     raise InvalidRequest(
         "model_data must be a model URI: runs:/<run_id>/<path>, models:/m-<id>, models:/<name>/<version> or "
         "mlflow-artifacts:/<experiment>/<run_id>/artifacts/<path>"
     )
 
 
-async def _logged_model(call: MlflowCall, model_id: str, name: str | None = None) -> ResolvedSource:
-    found = await call("GET", f"/logged-models/{model_id}", not_found=SourceNotFound(f"logged model {model_id}"))
-    info = found["model"]["info"]
-    return ResolvedSource(f"models:/{model_id}", model_id=model_id, name=name or info.get("name") or None)
+async def _logged_model(mlflow: RegistryClient, model_id: str, name: str | None = None) -> ResolvedSource:
+    logged = await mlflow.logged_model(model_id, missing=SourceNotFound(f"logged model {model_id}"))
+    assert logged is not None  # a missing one raised
+    return ResolvedSource(f"models:/{model_id}", model_id=model_id, name=name or logged.name)
 
 
-async def _run(call: MlflowCall, run_id: str) -> dict[str, Any]:
-    found = await call("GET", "/runs/get", params={"run_id": run_id}, not_found=SourceNotFound(f"run {run_id}"))
-    return found["run"]
-
-
-async def _run_artifact(call: MlflowCall, run_id: str, path: str) -> ResolvedSource:
+async def _run_artifact(mlflow: RegistryClient, run_id: str, path: str) -> ResolvedSource:
     """A run's model: the logged model (MLflow 3) of that name, else plain artifacts holding an MLmodel file."""
-    run = await _run(call, run_id)
-    for output in (run.get("outputs") or {}).get("model_outputs", []):
-        logged = await _logged_model(call, output["model_id"])
+    run = await mlflow.run(run_id, missing=SourceNotFound(f"run {run_id}"))
+    assert run is not None  # a missing one raised
+    for output in run.model_outputs:
+        logged = await _logged_model(mlflow, output)
         if logged.name == path:
             return logged
-    listed = await call("GET", "/artifacts/list", params={"run_id": run_id, "path": path})
-    if not any(entry.get("path", "").rsplit("/", 1)[-1] == "MLmodel" for entry in listed.get("files", [])):
+    listed = await mlflow.run_artifact_paths(run_id, path)
+    if not any(entry.rsplit("/", 1)[-1] == "MLmodel" for entry in listed):
         raise SourceNotFound(f"no model at runs:/{run_id}/{path} (no logged model of that name, no MLmodel file)")
-    return ResolvedSource(f"{run['info']['artifact_uri'].rstrip('/')}/{path}", run_id=run_id)
+    return ResolvedSource(f"{run.artifact_uri.rstrip('/')}/{path}", run_id=run_id)
 
 
-async def stable_model_id(database: Database, call: MlflowCall, name: str) -> str:
+async def stable_model_id(database: Database, mlflow: RegistryClient, name: str) -> str:
     """The model's id: from the service database, else from the registered model's tag, else a new one."""
     async with database.session() as session:
         known = await session.scalar(select(ModelIdRow.model_id).where(ModelIdRow.name == name))
     if known:
         return known
-    model = (await call("GET", "/registered-models/get", params={"name": name}))["registered_model"]
-    model_id = next((t["value"] for t in model.get("tags", []) if t["key"] == MODEL_ID_TAG), None)
-    model_id = model_id or "mdl_" + secrets.token_hex(12)
-    await call("POST", "/registered-models/set-tag", json={"name": name, "key": MODEL_ID_TAG, "value": model_id})
+    model = await mlflow.registered_model(name)
+    model_id = model.tags.get(MODEL_ID_TAG) or "mdl_" + secrets.token_hex(12)
+    await mlflow.set_model_tag(name, MODEL_ID_TAG, model_id)
     try:
         async with database.session() as session, session.begin():
             session.add(ModelIdRow(model_id=model_id, name=name, created_at=utcnow()))
@@ -119,11 +109,11 @@ async def stable_model_id(database: Database, call: MlflowCall, name: str) -> st
     return model_id
 
 
-def version_tags(model_type: str, metadata: dict[str, Any], model_id: str) -> list[dict[str, str]]:
+def version_tags(model_type: str, metadata: dict[str, Any], model_id: str) -> dict[str, str]:
     tags = {"model_type": model_type, MODEL_ID_TAG: model_id}
     for key, value in metadata.items():
         tags[str(key)] = value if isinstance(value, str) else json.dumps(value)
-    return [{"key": key, "value": value} for key, value in tags.items()]
+    return tags
 
 
 class IdempotencyStore:

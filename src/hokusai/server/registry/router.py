@@ -7,11 +7,9 @@ from datetime import date
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import StreamingResponse
 
-from hokusai.server.auth.dependencies import require_scope
-from hokusai.server.auth.keys import Scope
-from hokusai.server.auth.store import ApiKeyInfo
+from hokusai.server.auth.dependencies import allow
+from hokusai.server.deps import AccessPolicy, Analytics, Caller, Registry
 from hokusai.server.errors import InvalidRequest
-from hokusai.server.registry.analytics import ModelAnalytics
 from hokusai.server.registry.inputs import MAX_NAME_LENGTH, MAX_PAGE_TOKEN_LENGTH, MAX_SQL_INTEGER
 from hokusai.server.registry.schemas import (
     BatchRequest,
@@ -35,83 +33,78 @@ from hokusai.server.registry.schemas import (
     VersionLineage,
     VersionMetrics,
 )
-from hokusai.server.registry.service import RegistryService
-from hokusai.server.runtime import get_runtime
 
-read = require_scope(Scope.READ)
-write = require_scope(Scope.WRITE)
+read = allow("models:read")
+write = allow("models:write")
 REFERENCE_LENGTH = MAX_NAME_LENGTH + 257  # "name:version" or "name@alias"
 
 
-def registry(request: Request) -> RegistryService:
-    return get_runtime(request).registry
-
-
 async def list_models(
-    request: Request,
+    caller: Caller,
+    registry: Registry,
+    policy: AccessPolicy,
     name: str | None = Query(None, max_length=MAX_NAME_LENGTH, description="Only the versions of this model"),
     max_results: int = Query(100, ge=1, le=1000),
     page_token: str | None = Query(None, max_length=MAX_PAGE_TOKEN_LENGTH, description="From the previous page"),
 ) -> ModelList:
-    return await registry(request).list_versions(name, max_results, page_token)
+    listed = await registry.list_versions(name, max_results, page_token)
+    # The policy's listing hook (per-model rights would hide versions here); today every version is visible.
+    listed.models = policy.visible(caller, "models:read", listed.models, lambda version: version.name)
+    return listed
 
 
 async def register_model(
     body: RegisterRequest,
-    request: Request,
-    key: ApiKeyInfo = Depends(write),
+    caller: Caller,
+    registry: Registry,
     idempotency_key: str | None = Header(
         None, max_length=200, description="Retries with the same key get the first answer"
     ),
 ) -> RegisterResponse:
-    return await registry(request).register(body, key.id, idempotency_key)
+    return await registry.register(body, caller, idempotency_key)
 
 
-async def batch_operations(body: BatchRequest, request: Request, key: ApiKeyInfo = Depends(write)) -> BatchResponse:
+async def batch_operations(body: BatchRequest, caller: Caller, registry: Registry) -> BatchResponse:
     """Every action changes the registry, so the batch needs `write`, as each operation would alone."""
-    return await registry(request).run_batch(body.operations, body.stop_on_error, key.id)
+    # The service asks the policy again for each operation, with its model.
+    return await registry.run_batch(body.operations, body.stop_on_error, caller)
 
 
-async def production_models(request: Request) -> ProductionList:
-    return ProductionList(models=await registry(request).production_versions())
+async def production_models(registry: Registry) -> ProductionList:
+    return ProductionList(models=await registry.production_versions())
 
 
-async def get_model_version(model_name: str, version: str, request: Request) -> ModelVersionDetail:
-    return await registry(request).get_version(model_name, version)
+async def get_model_version(model_name: str, version: str, registry: Registry) -> ModelVersionDetail:
+    return await registry.get_version(model_name, version)
 
 
 async def update_model_version(
-    model_name: str, version: str, update: ModelVersionUpdate, request: Request
+    model_name: str, version: str, update: ModelVersionUpdate, caller: Caller, registry: Registry
 ) -> ModelVersionDetail:
-    return await registry(request).update_version(model_name, version, update)
+    return await registry.update_version(model_name, version, update, caller)
 
 
-async def delete_model_version(model_name: str, version: str, request: Request) -> Message:
-    return Message(message=await registry(request).delete_version(model_name, version))
+async def delete_model_version(model_name: str, version: str, caller: Caller, registry: Registry) -> Message:
+    return Message(message=await registry.delete_version(model_name, version, caller))
 
 
-async def download_model_version(model_name: str, version: str, request: Request) -> StreamingResponse:
-    service = registry(request)
-    plan = await service.download_plan(model_name, version)
+async def download_model_version(model_name: str, version: str, registry: Registry) -> StreamingResponse:
+    plan = await registry.download_plan(model_name, version)
     return StreamingResponse(
-        service.download(plan),
+        registry.download(plan),
         media_type="application/zip",
         headers={"Content-Disposition": f'attachment; filename="{plan.filename}"'},
     )
 
 
 async def transition_model_version(
-    model_name: str, version: str, body: StageTransition, request: Request, key: ApiKeyInfo = Depends(write)
+    model_name: str, version: str, body: StageTransition, caller: Caller, registry: Registry
 ) -> ModelVersionDetail:
-    return await registry(request).transition(model_name, version, body.stage, body.archive_existing, key.id)
-
-
-def analytics(request: Request) -> ModelAnalytics:
-    return get_runtime(request).analytics
+    return await registry.transition(model_name, version, body.stage, body.archive_existing, caller)
 
 
 async def compare_models(
-    request: Request,
+    analytics: Analytics,
     model1: str = Query(..., max_length=REFERENCE_LENGTH, description="Name:Version or Name@alias"),
     model2: str = Query(..., max_length=REFERENCE_LENGTH, description="Name:Version or Name@alias"),
     metric: str | None = Query(
@@ -121,47 +114,50 @@ async def compare_models(
         None, ge=0, le=1e6, allow_inf_nan=False, description="Relative difference counted as equivalent"
     ),
 ) -> Comparison:
-    return await analytics(request).comparisons.compare(model1, model2, metric, tolerance)
+    return await analytics.comparisons.compare(model1, model2, metric, tolerance)
 
 
-async def evaluate_model(body: EvaluateRequest, request: Request, response: Response) -> Evaluation:
+async def evaluate_model(
+    body: EvaluateRequest, request: Request, response: Response, analytics: Analytics
+) -> Evaluation:
     """200 with the result; 202 with a queued evaluation (poll its Location) when the dataset is large."""
-    evaluation = await analytics(request).evaluations.evaluate(body)
+    evaluation = await analytics.evaluations.evaluate(body)
     if evaluation.status in ("queued", "running"):
         response.status_code = 202
         response.headers["Location"] = f"{request.url.path.rsplit('/', 1)[0]}/evaluations/{evaluation.evaluation_id}"
     return evaluation
 
 
-async def get_evaluation(evaluation_id: str, request: Request) -> Evaluation:
-    return await analytics(request).evaluations.get(evaluation_id)
+async def get_evaluation(evaluation_id: str, analytics: Analytics) -> Evaluation:
+    return await analytics.evaluations.get(evaluation_id)
 
 
 async def contributor_impact(
     address: str,
-    request: Request,
+    analytics: Analytics,
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0, le=MAX_SQL_INTEGER, description="Contributions to skip (newest first)"),
 ) -> ContributorImpact:
-    return await analytics(request).impact.impact(address, limit, offset)
+    return await analytics.impact.impact(address, limit, offset)
 
 
-async def improvement_history(model_id: str, request: Request) -> ImprovementHistory:
-    return await analytics(request).lineage.improvement_history(model_id)
+async def improvement_history(model_id: str, analytics: Analytics) -> ImprovementHistory:
+    return await analytics.lineage.improvement_history(model_id)
 
 
-async def version_metrics(model_name: str, version: str, request: Request) -> VersionMetrics:
-    return await analytics(request).performance.metrics(model_name, version)
+async def version_metrics(model_name: str, version: str, analytics: Analytics) -> VersionMetrics:
+    return await analytics.performance.metrics(model_name, version)
 
 
-async def version_lineage(model_name: str, version: str, request: Request) -> VersionLineage:
-    return await analytics(request).lineage.version_lineage(model_name, version)
+async def version_lineage(model_name: str, version: str, analytics: Analytics) -> VersionLineage:
+    return await analytics.lineage.version_lineage(model_name, version)
 
 
 async def prediction_history(
     model_name: str,
     version: str,
-    request: Request,
+    analytics: Analytics,
+    registry: Registry,
     start: date | None = Query(None, description="First day (UTC), inclusive"),
     end: date | None = Query(None, description="Last day (UTC), inclusive"),
 ) -> PredictionHistory:
@@ -170,13 +166,12 @@ async def prediction_history(
     # The first and last days there are mean "no bound" (the day after the last one cannot even be written).
     start = None if start == date.min else start
     end = None if end == date.max else end
-    service = analytics(request)
-    current = await registry(request).get_version(model_name, version)
-    return await service.predictions.store.history(current.name, current.version, start, end)
+    current = await registry.get_version(model_name, version)
+    return await analytics.predictions.store.history(current.name, current.version, start, end)
 
 
-async def predict(model_name: str, version: str, body: PredictRequest, request: Request) -> PredictResponse:
-    return await analytics(request).predictions.predict(model_name, version, body.inputs)
+async def predict(model_name: str, version: str, body: PredictRequest, analytics: Analytics) -> PredictResponse:
+    return await analytics.predictions.predict(model_name, version, body.inputs)
 
 
 def build_router(prefix: str) -> APIRouter:
@@ -197,9 +192,20 @@ def build_router(prefix: str) -> APIRouter:
             include_in_schema=path.endswith("/"),
         )
     router.add_api_route(
-        prefix + "/register", register_model, methods=["POST"], response_model=RegisterResponse, status_code=201
+        prefix + "/register",
+        register_model,
+        methods=["POST"],
+        response_model=RegisterResponse,
+        status_code=201,
+        dependencies=[Depends(write)],
     )
-    router.add_api_route(prefix + "/batch", batch_operations, methods=["POST"], response_model=BatchResponse)
+    router.add_api_route(
+        prefix + "/batch",
+        batch_operations,
+        methods=["POST"],
+        response_model=BatchResponse,
+        dependencies=[Depends(write)],
+    )
     router.add_api_route(
         prefix + "/production",
         production_models,
@@ -301,5 +307,6 @@ def build_router(prefix: str) -> APIRouter:
         transition_model_version,
         methods=["POST"],
         response_model=ModelVersionDetail,
+        dependencies=[Depends(write)],
     )
     return router

@@ -171,7 +171,9 @@ class BatchRequest(BaseModel):
     stop_on_error: bool = False
 
 
-class BatchResult(BaseModel):
+class BatchOperationResult(BaseModel):
+    """The outcome of one operation of POST /models/batch (dspy's BatchResult is a whole batch's answer)."""
+
     index: int
     action: str
     model: str
@@ -185,7 +187,7 @@ class BatchResponse(BaseModel):
     successful: int
     failed: int
     skipped: int
-    results: list[BatchResult]
+    results: list[BatchOperationResult]
 
 
 # --- registration --------------------------------------------------------------------------------------------

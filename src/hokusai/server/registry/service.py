@@ -9,7 +9,7 @@ import asyncio
 import hashlib
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any, TypeVar
@@ -17,8 +17,17 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from sqlalchemy import func, select, tuple_
 
+from hokusai.server.auth.caller import Caller
+from hokusai.server.auth.policy import Policy
 from hokusai.server.db import Database, utcnow
-from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
+from hokusai.server.errors import HokusaiError, InvalidRequest, Unprocessable
+from hokusai.server.mlflow.registry_client import (  # noqa: F401 (ModelNotFound: the registry's not-found error)
+    ModelNotFound,
+    ModelVersion,
+    RegistryClient,
+    name_filter,
+    version_number,
+)
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.registry.cache import RegistryReadCache
 from hokusai.server.registry.contributors import contributor_shares, normalized_contributor_metadata
@@ -29,24 +38,15 @@ from hokusai.server.registry.download import (
     served_artifact_root,
     zip_stream,
 )
-from hokusai.server.registry.inputs import (
-    MAX_SOURCE_LENGTH,
-    canonical_version,
-    filter_literal,
-    holdable_name,
-    list_literal,
-    name_problem,
-    page_token_problem,
-)
+from hokusai.server.registry.inputs import MAX_SOURCE_LENGTH, holdable_name, name_problem, page_token_problem
 from hokusai.server.registry.locks import ModelLocks
-from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.registry.models import StageTransitionRow
 from hokusai.server.registry.registration import IdempotencyStore, resolve_source, stable_model_id, version_tags
 from hokusai.server.registry.schemas import (
     RESERVED_MODEL_NAMES,
     BatchOperation,
+    BatchOperationResult,
     BatchResponse,
-    BatchResult,
     DeleteAliasOperation,
     DeleteTagsOperation,
     DeleteVersionOperation,
@@ -67,61 +67,30 @@ from hokusai.server.timestamps import as_utc, from_millis, iso
 
 logger = logging.getLogger(__name__)
 CachedAnswer = TypeVar("CachedAnswer", bound=BaseModel)
-PAGE_SIZE_LIMIT = 1000  # MLflow's own cap for model-versions/search
 # Stages whose lowercase name is kept as an alias in step with the stage, for `models:/name@production`.
 STAGE_ALIASES = {"Production": "production", "Staging": "staging"}
 
 
-class ModelNotFound(NotFound):
-    def __init__(self, name: str, version: str) -> None:
-        super().__init__(f"Model not found: {name}:{version}")
-
-
-# Names per `name IN (...)` call when reading aliases: keeps MLflow's request line well under 8 KB.
-ALIAS_FILTER_CHARS = 2000
-
-
-def quoted(value: str) -> str:
-    """A string literal for an MLflow filter that the value cannot break out of (see `inputs.filter_literal`)."""
-    literal = filter_literal(value)
-    if literal is None:
-        raise InvalidRequest("A model name containing both ' and \" cannot be searched in MLflow")
-    return literal
-
-
-def version_number(name: str, version: str) -> str:
-    """The one check of a (name, version) taken from a caller: a positive integer MLflow can hold, of a name it can
-    hold; anything else names no model version (404), and MLflow is not asked."""
-    canonical = canonical_version(version)
-    if canonical is None or not holdable_name(name):
-        raise ModelNotFound(name, version)
-    return canonical
-
-
-def _tags(raw: list[dict[str, str]] | None) -> dict[str, str]:
-    return {tag["key"]: tag.get("value", "") for tag in raw or []}
-
-
-def _summary(raw: dict[str, Any], aliases: list[str]) -> ModelVersionSummary:
+def _summary(version: ModelVersion, aliases: Iterable[str]) -> ModelVersionSummary:
     return ModelVersionSummary(
-        name=raw["name"],
-        version=raw["version"],
-        status=raw.get("status", "READY"),
-        created_at=int(raw.get("creation_timestamp", 0)),
-        tags=_tags(raw.get("tags")),
-        stage=raw.get("current_stage", "None"),
+        name=version.name,
+        version=version.version,
+        status=version.status,
+        created_at=version.created_ms,
+        tags=dict(version.tags),
+        stage=version.stage,
         aliases=sorted(aliases),
     )
 
 
-def _detail(raw: dict[str, Any]) -> ModelVersionDetail:
-    summary = _summary(raw, raw.get("aliases", []))
+def _detail(version: ModelVersion) -> ModelVersionDetail:
+    summary = _summary(version, version.aliases)
     return ModelVersionDetail(
         **summary.model_dump(),
-        description=raw.get("description", ""),
-        source=raw.get("source", ""),
-        run_id=raw.get("run_id") or None,
-        updated_at=int(raw.get("last_updated_timestamp", 0)),
+        description=version.description,
+        source=version.source,
+        run_id=version.run_id,
+        updated_at=version.updated_ms,
     )
 
 
@@ -133,13 +102,16 @@ class RegistryService:
         cache: RegistryReadCache,
         on_registered: Callable[[str, str], Awaitable[object]] | None = None,
         locks: ModelLocks | None = None,
+        policy: Policy | None = None,
     ) -> None:
         """`on_registered(name, version)` runs after each registration that names contributors (their records);
-        `locks` serialize the changes to one model (in process unless given ones backed by Redis)."""
+        `locks` serialize the changes to one model (in process unless given ones backed by Redis); `policy`
+        authorizes each operation of a batch. Every write takes its `actor`, the caller who asked for it."""
+        self._policy = policy or Policy()
         self._upstream = upstream
         self._locks = locks or ModelLocks()
         self._on_registered = on_registered
-        self._mlflow = MlflowApi(upstream)
+        self._mlflow = RegistryClient.over(upstream)
         self._database = database
         self._idempotency = IdempotencyStore(database)
         self.cache = cache
@@ -172,149 +144,83 @@ class RegistryService:
         )
 
     async def _list_versions(self, name: str | None, max_results: int, page_token: str | None) -> ModelList:
-        params = {"max_results": str(max_results), "order_by": "name ASC"}
-        if name:
-            params["filter"] = f"name = {quoted(name)}"
-        if page_token:
-            params["page_token"] = page_token
-        search = self._mlflow("GET", "/model-versions/search", params=params)
+        # A name no filter can hold is refused here, before MLflow is asked anything.
+        search = self._mlflow.search_versions(
+            name_filter(name) if name else None, max_results, page_token, order_by="name ASC"
+        )
         if name:
             # One model: its aliases can be asked for at the same time as its versions (one round trip of latency).
             page, aliases = await asyncio.gather(search, self._aliases({name}))
         else:
             page = await search
-            aliases = await self._aliases({v["name"] for v in page.get("model_versions", [])})
-        versions = page.get("model_versions", [])
+            aliases = await self._aliases({v.name for v in page.versions})
         return ModelList(
-            models=[_summary(v, aliases.get((v["name"], v["version"]), [])) for v in versions],
-            next_page_token=page.get("next_page_token") or None,
+            models=[_summary(v, aliases.get((v.name, v.version), [])) for v in page.versions],
+            next_page_token=page.next_page_token,
         )
 
     async def _aliases(self, names: set[str]) -> dict[tuple[str, str], list[str]]:
-        """Aliases of every version of these models (model-versions/search does not return them).
-
-        Names are asked for in `name IN (...)` lists, a few calls side by side; a name no list literal can hold
-        (made straight in MLflow, with both quotes, a backslash or a control character) is read on its own with
-        registered-models/get, which takes it as a plain parameter. One odd name never fails the listing.
-        """
-        listable, odd = [], []
-        for name in sorted(names):
-            literal = list_literal(name)
-            (listable if literal is not None else odd).append(literal or name)
-        chunks: list[list[str]] = []
-        for literal in listable:
-            if not chunks or sum(len(item) + 2 for item in chunks[-1]) + len(literal) > ALIAS_FILTER_CHARS:
-                chunks.append([])
-            chunks[-1].append(literal)
-        found = await asyncio.gather(
-            *(self._models_in(chunk) for chunk in chunks), *(self._model_named(name) for name in odd)
-        )
+        """Aliases of every version of these models (model-versions/search does not return them), read from
+        their registered models (a few calls side by side; see `RegistryClient.registered_models`)."""
         aliases: dict[tuple[str, str], list[str]] = {}
-        for model in (model for models in found for model in models):
-            for alias in model.get("aliases", []):
-                aliases.setdefault((model["name"], alias["version"]), []).append(alias["alias"])
+        for model in await self._mlflow.registered_models(names):
+            for alias, version in model.aliases:
+                aliases.setdefault((model.name, version), []).append(alias)
         return aliases
-
-    async def _models_in(self, literals: list[str]) -> list[dict[str, Any]]:
-        """The registered models named in one `IN` list; should MLflow refuse the list, each is read by name."""
-        try:
-            found = await self._mlflow(
-                "GET",
-                "/registered-models/search",
-                params={"filter": f"name IN ({', '.join(literals)})", "max_results": str(PAGE_SIZE_LIMIT)},
-            )
-        except InvalidRequest as exc:
-            logger.warning("MLflow refused a list of %d model names (%s): reading them one by one", len(literals), exc)
-            one_by_one = await asyncio.gather(*(self._model_named(literal[1:-1]) for literal in literals))
-            return [model for models in one_by_one for model in models]
-        return found.get("registered_models", [])
-
-    async def _model_named(self, name: str) -> list[dict[str, Any]]:
-        """The registered model of that name, or none when it is gone meanwhile (or MLflow cannot look it up)."""
-        found = await self._mlflow(
-            "GET",
-            "/registered-models/get",
-            params={"name": name},
-            tolerated=frozenset({"RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"}),
-        )
-        return [found["registered_model"]] if "registered_model" in found else []
 
     async def get_version(self, name: str, version: str, fresh: bool = False) -> ModelVersionDetail:
         """One version; from the read cache unless `fresh` (what a write is based on is always read from MLflow)."""
         version = version_number(name, version)
 
         async def fetch() -> ModelVersionDetail:
-            found = await self._mlflow(
-                "GET",
-                "/model-versions/get",
-                params={"name": name, "version": version},
-                not_found=ModelNotFound(name, version),
-            )
-            return _detail(found["model_version"])
+            return _detail(await self._mlflow.get_version(name, version))
 
         return await self._cached(["get", name, version], ModelVersionDetail, fetch, fresh=fresh)
 
-    async def update_version(self, name: str, version: str, update: ModelVersionUpdate) -> ModelVersionDetail:
+    async def update_version(
+        self, name: str, version: str, update: ModelVersionUpdate, actor: Caller
+    ) -> ModelVersionDetail:
         async with self._writing(name):
             return await self._update_version(name, version, update)
 
     async def _update_version(self, name: str, version: str, update: ModelVersionUpdate) -> ModelVersionDetail:
         current = await self.get_version(name, version, fresh=True)
-        target = {"name": name, "version": current.version}
         if update.description is not None:
-            await self._mlflow("PATCH", "/model-versions/update", json={**target, "description": update.description})
+            await self._mlflow.update_description(name, current.version, update.description)
         for key, value in (update.tags or {}).items():
             if value is None:
                 if key in current.tags:
-                    await self._mlflow("DELETE", "/model-versions/delete-tag", json={**target, "key": key})
+                    await self._mlflow.delete_version_tag(name, current.version, key)
             else:
-                await self._mlflow("POST", "/model-versions/set-tag", json={**target, "key": key, "value": value})
+                await self._mlflow.set_version_tag(name, current.version, key, value)
         return await self.get_version(name, current.version, fresh=True)
 
-    async def delete_version(self, name: str, version: str) -> str:
+    async def delete_version(self, name: str, version: str, actor: Caller) -> str:
         async with self._writing(name):
             current = await self.get_version(name, version, fresh=True)
-            await self._mlflow(
-                "DELETE",
-                "/model-versions/delete",
-                json={"name": name, "version": current.version},
-                not_found=ModelNotFound(name, version),
-            )
+            await self._mlflow.delete_version(name, version)  # gone meanwhile: a 404 naming the version as given
         return f"Model {name}:{current.version} deleted successfully"
 
     async def transition(
-        self, name: str, version: str, stage: Stage, archive_existing: bool, key_id: str | None
+        self, name: str, version: str, stage: Stage, archive_existing: bool, actor: Caller
     ) -> ModelVersionDetail:
         """Move a version to a stage and keep the matching lowercase alias in step with it.
 
         One change per model at a time (`ModelLocks`): with `archive_existing`, parallel transitions to Production
         would otherwise each leave their own version there."""
         async with self._writing(name):
-            return await self._transition(name, version, stage, archive_existing, key_id)
+            return await self._transition(name, version, stage, archive_existing, actor.key_id)
 
     async def _transition(
         self, name: str, version: str, stage: Stage, archive_existing: bool, key_id: str | None
     ) -> ModelVersionDetail:
         current = await self.get_version(name, version, fresh=True)
-        await self._mlflow(
-            "POST",
-            "/model-versions/transition-stage",
-            json={
-                "name": name,
-                "version": current.version,
-                "stage": stage,
-                "archive_existing_versions": archive_existing and stage in STAGE_ALIASES,
-            },
-        )
+        await self._mlflow.transition_stage(name, current.version, stage, archive_existing and stage in STAGE_ALIASES)
         if stage in STAGE_ALIASES:
-            await self._mlflow(
-                "POST",
-                "/registered-models/alias",
-                json={"name": name, "alias": STAGE_ALIASES[stage], "version": current.version},
-            )
+            await self._mlflow.set_alias(name, STAGE_ALIASES[stage], current.version)
         for alias in STAGE_ALIASES.values():
             if alias in current.aliases and alias != STAGE_ALIASES.get(stage):
-                await self._mlflow("DELETE", "/registered-models/alias", json={"name": name, "alias": alias})
+                await self._mlflow.delete_alias(name, alias)
         async with self._database.session() as session, session.begin():
             session.add(
                 StageTransitionRow(
@@ -326,33 +232,25 @@ class RegistryService:
     async def download_plan(self, name: str, version: str) -> DownloadPlan:
         """What a version's zip will hold, found before any byte is sent (so a missing version is still a 404)."""
         current = await self.get_version(name, version)
-        located = await self._mlflow(
-            "GET",
-            "/model-versions/get-download-uri",
-            params={"name": name, "version": current.version},
-            not_found=ModelNotFound(name, version),
-        )
-        root = served_artifact_root(located["artifact_uri"])
+        root = served_artifact_root(await self._mlflow.download_uri(name, version))
         files = await list_files(self._upstream, root)
         return DownloadPlan(archive_filename(name, current.version), root, files)
 
     def download(self, plan: DownloadPlan) -> AsyncIterator[bytes]:
         return zip_stream(self._upstream, plan)
 
-    async def set_alias(self, name: str, version: str, alias: str) -> ModelVersionDetail:
+    async def set_alias(self, name: str, version: str, alias: str, actor: Caller) -> ModelVersionDetail:
         async with self._writing(name):
             current = await self.get_version(name, version, fresh=True)
-            await self._mlflow(
-                "POST", "/registered-models/alias", json={"name": name, "alias": alias, "version": current.version}
-            )
+            await self._mlflow.set_alias(name, alias, current.version)
         return await self.get_version(name, current.version, fresh=True)
 
-    async def delete_alias(self, name: str, version: str, alias: str) -> ModelVersionDetail:
+    async def delete_alias(self, name: str, version: str, alias: str, actor: Caller) -> ModelVersionDetail:
         async with self._writing(name):
             current = await self.get_version(name, version, fresh=True)
             if alias not in current.aliases:
                 raise InvalidRequest(f"Alias {alias!r} does not point to {name}:{current.version}")
-            await self._mlflow("DELETE", "/registered-models/alias", json={"name": name, "alias": alias})
+            await self._mlflow.delete_alias(name, alias)
         return await self.get_version(name, current.version, fresh=True)
 
     @asynccontextmanager
@@ -368,19 +266,17 @@ class RegistryService:
         finally:
             await self.cache.invalidate()
 
-    async def run_batch(
-        self, operations: list[BatchOperation], stop_on_error: bool, key_id: str | None
-    ) -> BatchResponse:
+    async def run_batch(self, operations: list[BatchOperation], stop_on_error: bool, actor: Caller) -> BatchResponse:
         """Each operation in order; a failure is reported in its result (and, with stop_on_error, ends the run)."""
-        results: list[BatchResult] = []
+        results: list[BatchOperationResult] = []
         stopped = False
         for index, operation in enumerate(operations):
-            outcome = BatchResult(index=index, action=operation.action, model=operation.model, success=False)
+            outcome = BatchOperationResult(index=index, action=operation.action, model=operation.model, success=False)
             if stopped:
                 outcome.error = "Skipped: an earlier operation failed and stop_on_error is set"
             else:
                 try:
-                    outcome.result = await self._apply(operation, key_id)
+                    outcome.result = await self._apply(operation, actor)
                     outcome.success = True
                 except HokusaiError as exc:
                     outcome.error = exc.detail
@@ -396,27 +292,32 @@ class RegistryService:
             results=results,
         )
 
-    async def _apply(self, operation: BatchOperation, key_id: str | None) -> dict:
+    async def _apply(self, operation: BatchOperation, actor: Caller) -> dict:
         name, version = operation.name, operation.version
+        self._policy.authorize(actor, "models:write", name)  # each operation, as if it came alone
         match operation:
             case TransitionOperation():
-                done = await self.transition(name, version, operation.stage, operation.archive_existing, key_id)
+                done = await self.transition(name, version, operation.stage, operation.archive_existing, actor)
             case SetTagsOperation():
-                done = await self.update_version(name, version, ModelVersionUpdate(tags=dict(operation.tags)))
+                done = await self.update_version(name, version, ModelVersionUpdate(tags=dict(operation.tags)), actor)
             case DeleteTagsOperation():
-                done = await self.update_version(name, version, ModelVersionUpdate(tags=dict.fromkeys(operation.keys)))
+                tags = ModelVersionUpdate(tags=dict.fromkeys(operation.keys))
+                done = await self.update_version(name, version, tags, actor)
             case SetAliasOperation():
-                done = await self.set_alias(name, version, operation.alias)
+                done = await self.set_alias(name, version, operation.alias, actor)
             case DeleteAliasOperation():
-                done = await self.delete_alias(name, version, operation.alias)
+                done = await self.delete_alias(name, version, operation.alias, actor)
             case UpdateDescriptionOperation():
-                done = await self.update_version(name, version, ModelVersionUpdate(description=operation.description))
+                update = ModelVersionUpdate(description=operation.description)
+                done = await self.update_version(name, version, update, actor)
             case DeleteVersionOperation():
-                return {"message": await self.delete_version(name, version)}
+                return {"message": await self.delete_version(name, version, actor)}
         return done.model_dump()
 
-    async def register(self, request: RegisterRequest, key_id: str, idempotency_key: str | None) -> RegisterResponse:
-        """A new version from a model URI. With an Idempotency-Key, a retry gets the first answer and no new version."""
+    async def register(self, request: RegisterRequest, actor: Caller, idempotency_key: str | None) -> RegisterResponse:
+        """A new version from a model URI. With an Idempotency-Key, a retry gets the first answer and no new version
+        (keys are per caller: the same Idempotency-Key from another caller is another request)."""
+        key_id = actor.id
         if idempotency_key is None:
             async with self._writing():
                 return await self._register(request)
@@ -445,56 +346,40 @@ class RegistryService:
             raise Unprocessable(f"{problem}: give another model_name")
         if len(resolved.source) > MAX_SOURCE_LENGTH:
             raise Unprocessable(f"The model's location is longer than MLflow keeps ({MAX_SOURCE_LENGTH} characters)")
-        await self._mlflow(
-            "POST",
-            "/registered-models/create",
-            json={"name": name},
-            tolerated=frozenset({"RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"}),
-        )
+        await self._mlflow.create_registered_model(name)
         model_id = await stable_model_id(self._database, self._mlflow, name)
-        payload: dict[str, Any] = {
-            "name": name,
-            "source": resolved.source,
-            "tags": version_tags(request.model_type, metadata, model_id),
-        }
-        if resolved.run_id:
-            payload["run_id"] = resolved.run_id
-        if resolved.model_id:
-            payload["model_id"] = resolved.model_id
-        created = (await self._mlflow("POST", "/model-versions/create", json=payload))["model_version"]
+        created = await self._mlflow.create_version(
+            name,
+            resolved.source,
+            version_tags(request.model_type, metadata, model_id),
+            run_id=resolved.run_id,
+            model_id=resolved.model_id,
+        )
         if self._on_registered is not None and contributor_shares(metadata):
             try:
-                await self._on_registered(name, created["version"])
+                await self._on_registered(name, created.version)
             except HokusaiError as exc:  # the version exists: report it; `hokusai contributions rebuild` catches up
-                logger.warning("Contributions of %s:%s not recorded: %s", name, created["version"], exc.detail)
-        registered_at = from_millis(created.get("creation_timestamp"))
+                logger.warning("Contributions of %s:%s not recorded: %s", name, created.version, exc.detail)
         return RegisterResponse(
-            model_id=model_id, model_name=name, version=created["version"], registration_timestamp=iso(registered_at)
+            model_id=model_id,
+            model_name=name,
+            version=created.version,
+            registration_timestamp=iso(from_millis(created.created_ms)),
         )
 
     async def production_versions(self) -> list[ProductionModel]:
         """Every version in Production. MLflow cannot filter by stage, so versions are read a page of 1,000 at a
         time: the number of calls follows the number of versions / 1,000, never the number of models."""
-        in_production: list[dict[str, Any]] = []
-        page_token = None
-        while True:
-            params = {"max_results": str(PAGE_SIZE_LIMIT)}
-            if page_token:
-                params["page_token"] = page_token
-            page = await self._mlflow("GET", "/model-versions/search", params=params)
-            in_production += [v for v in page.get("model_versions", []) if v.get("current_stage") == "Production"]
-            page_token = page.get("next_page_token")
-            if not page_token:
-                break
-        entered = await self._entered_production({(v["name"], v["version"]) for v in in_production})
+        in_production = [v async for v in self._mlflow.every_version() if v.stage == "Production"]
+        entered = await self._entered_production({(v.name, v.version) for v in in_production})
         return [
             ProductionModel(
-                name=v["name"],
-                version=v["version"],
+                name=v.name,
+                version=v.version,
                 stage="Production",
-                deployed_at=iso(entered.get((v["name"], v["version"])) or from_millis(v.get("last_updated_timestamp"))),
+                deployed_at=iso(entered.get((v.name, v.version)) or from_millis(v.updated_ms)),
             )
-            for v in sorted(in_production, key=lambda v: (v["name"], int(v["version"])))
+            for v in sorted(in_production, key=lambda v: (v.name, int(v.version)))
         ]
 
     async def _entered_production(self, versions: set[tuple[str, str]]) -> dict[tuple[str, str], datetime]:

@@ -14,16 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping
+from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
 
 from hokusai.server.errors import InvalidRequest
-from hokusai.server.registry.inputs import MAX_ALIAS_LENGTH, filter_literal, holdable_name, is_number
-from hokusai.server.registry.mlflow_api import MlflowApi
-from hokusai.server.registry.registration import LOGGED_MODEL
-from hokusai.server.registry.service import ModelNotFound, quoted, version_number
+from hokusai.server.mlflow.registry_client import (
+    LoggedModel,
+    MlflowApi,
+    ModelVersion,
+    RegistryClient,
+    Run,
+    filter_literal,
+    version_number,
+)
+from hokusai.server.registry.inputs import MAX_ALIAS_LENGTH, is_number
 from hokusai.server.timestamps import from_millis
 
 BENCHMARK_METRIC_TAG = "benchmark_metric"
@@ -61,13 +66,22 @@ class ModelReference:
 
 @dataclass
 class VersionFacts:
-    name: str
-    version: str
-    raw: dict[str, Any]
-    run: dict[str, Any] | None = None
-    logged_model: dict[str, Any] | None = None
-    evaluation: dict[str, Any] | None = None  # the latest evaluation run of this version
-    tags: dict[str, str] = field(default_factory=dict)
+    model_version: ModelVersion
+    run: Run | None = None
+    logged_model: LoggedModel | None = None
+    evaluation: Run | None = None  # the latest evaluation run of this version
+
+    @property
+    def name(self) -> str:
+        return self.model_version.name
+
+    @property
+    def version(self) -> str:
+        return self.model_version.version
+
+    @property
+    def tags(self) -> Mapping[str, str]:
+        return self.model_version.tags
 
     @property
     def reference(self) -> str:
@@ -75,16 +89,15 @@ class VersionFacts:
 
     @property
     def run_id(self) -> str | None:
-        return self.raw.get("run_id") or None
+        return self.model_version.run_id
 
     @property
     def logged_model_id(self) -> str | None:
-        match = LOGGED_MODEL.match(self.raw.get("source", ""))
-        return match.group(1) if match else None
+        return self.model_version.logged_model_id
 
     @property
     def created_at(self) -> datetime:
-        return from_millis(self.raw.get("creation_timestamp", 0))
+        return from_millis(self.model_version.created_ms)
 
     @property
     def benchmark(self) -> tuple[str, float] | None:
@@ -95,7 +108,7 @@ class VersionFacts:
         """What training recorded: the source run's metrics and the logged model's (which win)."""
         merged = run_metrics(self.run)
         if self.logged_model is not None:
-            merged.update(latest_metrics(self.logged_model.get("data", {}).get("metrics", [])))
+            merged.update(self.logged_model.metrics)
         return merged
 
     def metrics(self) -> dict[str, float]:
@@ -146,15 +159,11 @@ def benchmark_step(
     return BenchmarkStep(metric, value, parent_value, improvement)
 
 
-def tags_of(raw: dict[str, Any] | None) -> dict[str, str]:
-    return {tag["key"]: tag.get("value", "") for tag in (raw or {}).get("tags", []) or []}
-
-
-def benchmark_metric_of(tags: dict[str, str]) -> str | None:
+def benchmark_metric_of(tags: Mapping[str, str]) -> str | None:
     return tags.get(BENCHMARK_METRIC_TAG, "").strip() or None
 
 
-def benchmark_of(tags: dict[str, str]) -> tuple[str, float] | None:
+def benchmark_of(tags: Mapping[str, str]) -> tuple[str, float] | None:
     """The (metric, value) a version was registered with, when both tags are there and the value is a number."""
     metric, value = benchmark_metric_of(tags), tags.get(BENCHMARK_VALUE_TAG)
     if not metric or value is None:
@@ -165,19 +174,8 @@ def benchmark_of(tags: dict[str, str]) -> tuple[str, float] | None:
         return None
 
 
-def latest_metrics(metrics: list[dict[str, Any]]) -> dict[str, float]:
-    """The latest value of each key (by step, then timestamp), as MLflow shows a run's metrics."""
-    latest: dict[str, tuple[int, int, float]] = {}
-    for metric in metrics:
-        order = (int(metric.get("step", 0) or 0), int(metric.get("timestamp", 0) or 0))
-        value = float(metric.get("value", 0.0))
-        if metric["key"] not in latest or order >= latest[metric["key"]][:2]:
-            latest[metric["key"]] = (*order, value)
-    return {key: value for key, (_, _, value) in latest.items()}
-
-
-def run_metrics(run: dict[str, Any] | None) -> dict[str, float]:
-    return latest_metrics(((run or {}).get("data") or {}).get("metrics", []))
+def run_metrics(run: Run | None) -> dict[str, float]:
+    return dict(run.metrics) if run is not None else {}
 
 
 class MetricDirection:
@@ -204,75 +202,52 @@ def _name_parts(name: str) -> list[str]:
 
 
 class VersionReader:
-    """Reads versions and what hangs off them; every call goes through the one upstream client."""
+    """Reads versions and what hangs off them, through the one typed MLflow client."""
 
-    def __init__(self, api: MlflowApi, evaluation_experiment: str) -> None:
-        self._api = api
+    def __init__(self, mlflow: RegistryClient | MlflowApi, evaluation_experiment: str) -> None:
+        """`mlflow`: the client, or the call it is built on (tests count calls there)."""
+        self._mlflow = mlflow if isinstance(mlflow, RegistryClient) else RegistryClient(mlflow)
         self._evaluation_experiment = evaluation_experiment
         self._evaluation_experiment_id: str | None = None
 
-    async def version(self, name: str, version: str) -> dict[str, Any]:
-        version = version_number(name, version)
-        found = await self._api(
-            "GET",
-            "/model-versions/get",
-            params={"name": name, "version": version},
-            not_found=ModelNotFound(name, version),
-        )
-        return found["model_version"]
+    @property
+    def mlflow(self) -> RegistryClient:
+        return self._mlflow
 
-    async def resolve(self, reference: ModelReference) -> dict[str, Any]:
+    async def version(self, name: str, version: str) -> ModelVersion:
+        return await self._mlflow.get_version(name, version_number(name, version))
+
+    async def resolve(self, reference: ModelReference) -> ModelVersion:
         if reference.version is not None:
             return await self.version(reference.name, reference.version)
-        if not holdable_name(reference.name):
-            raise ModelNotFound(reference.name, f"@{reference.alias}")
-        found = await self._api(
-            "GET",
-            "/registered-models/alias",
-            params={"name": reference.name, "alias": reference.alias or ""},
-            not_found=ModelNotFound(reference.name, f"@{reference.alias}"),
-        )
-        return found["model_version"]
+        return await self._mlflow.version_by_alias(reference.name, reference.alias or "")
 
-    async def facts(self, raw: dict[str, Any], with_evaluation: bool = True) -> VersionFacts:
+    async def facts(self, version: ModelVersion, with_evaluation: bool = True) -> VersionFacts:
         """The version with its run, logged model and latest evaluation, fetched side by side."""
-        facts = VersionFacts(name=raw["name"], version=raw["version"], raw=raw, tags=tags_of(raw))
+        facts = VersionFacts(version)
         run, logged, evaluation = await asyncio.gather(
             self.run(facts.run_id),
-            self.logged_model(facts.logged_model_id) if facts.logged_model_id else _nothing(),
+            self._mlflow.logged_model(facts.logged_model_id) if facts.logged_model_id else _nothing(),
             self.latest_evaluation(facts.name, facts.version) if with_evaluation else _nothing(),
         )
         facts.run, facts.logged_model, facts.evaluation = run, logged, evaluation
         return facts
 
-    async def run(self, run_id: str | None) -> dict[str, Any] | None:
+    async def run(self, run_id: str | None) -> Run | None:
         """The run, or None when the version names none or it was deleted (a version outlives its run)."""
-        if not run_id:
-            return None
-        found = await self._api(
-            "GET", "/runs/get", params={"run_id": run_id}, tolerated=frozenset({"RESOURCE_DOES_NOT_EXIST"})
-        )
-        return found.get("run")
+        return await self._mlflow.run(run_id) if run_id else None
 
-    async def logged_model(self, model_id: str) -> dict[str, Any] | None:
-        found = await self._api(
-            "GET", f"/logged-models/{model_id}", tolerated=frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"})
-        )
-        return found.get("model")
-
-    async def facts_of_versions(self, versions: list[dict[str, Any]]) -> dict[str, VersionFacts]:
+    async def facts_of_versions(self, versions: list[ModelVersion]) -> dict[str, VersionFacts]:
         """What `facts` gathers, for many versions of one model in a few calls that do not grow with each version:
         the experiments, the runs (500 ids a search), the logged models (500 ids a search, only when a version has
         one) and the evaluations of the model (one search, only when the evaluation experiment exists). Keyed by
         version number."""
-        facts = {raw["version"]: VersionFacts(raw["name"], raw["version"], raw, tags=tags_of(raw)) for raw in versions}
+        facts = {version.version: VersionFacts(version) for version in versions}
         if not facts:
             return facts
-        experiments = await self.experiments()
-        experiment_ids = [experiment["experiment_id"] for experiment in experiments]
-        evaluations_in = next(
-            (e["experiment_id"] for e in experiments if e.get("name") == self._evaluation_experiment), None
-        )
+        experiments = await self._mlflow.experiments()
+        experiment_ids = [experiment.experiment_id for experiment in experiments]
+        evaluations_in = next((e.experiment_id for e in experiments if e.name == self._evaluation_experiment), None)
         if evaluations_in is not None:
             self._evaluation_experiment_id = evaluations_in
         runs, logged, evaluations = await asyncio.gather(
@@ -286,172 +261,71 @@ class VersionReader:
             one.evaluation = evaluations.get((one.name, one.version))
         return facts
 
-    async def runs(self, run_ids: set[str], experiment_ids: list[str] | None = None) -> dict[str, dict[str, Any]]:
+    async def runs(self, run_ids: set[str], experiment_ids: list[str] | None = None) -> dict[str, Run]:
         """Many runs in a few calls: every experiment is searched for the ids at once, 500 ids a call."""
         if not run_ids:
             return {}
         experiments = experiment_ids if experiment_ids is not None else await self.experiment_ids()
-        found: dict[str, dict[str, Any]] = {}
-        ordered = sorted(run_ids)
-        for start in range(0, len(ordered), 500):
-            chunk = ordered[start : start + 500]
-            page_token = None
-            while True:
-                body = {
-                    "experiment_ids": experiments,
-                    "filter": f"attributes.run_id IN ({', '.join(quoted(run_id) for run_id in chunk)})",
-                    "run_view_type": "ALL",
-                    "max_results": 1000,
-                }
-                if page_token:
-                    body["page_token"] = page_token
-                page = await self._api("POST", "/runs/search", json=body)
-                for run in page.get("runs", []):
-                    found[run["info"]["run_id"]] = run
-                page_token = page.get("next_page_token")
-                if not page_token:
-                    break
-        return found
+        return await self._mlflow.runs(run_ids, experiments)
 
-    async def logged_models(self, model_ids: set[str], experiment_ids: list[str]) -> dict[str, dict[str, Any]]:
+    async def logged_models(self, model_ids: set[str], experiment_ids: list[str]) -> dict[str, LoggedModel]:
         """Many logged models in a few calls, searched by id in every experiment, 500 ids a call."""
-        found: dict[str, dict[str, Any]] = {}
-        ordered = sorted(model_ids)
-        for start in range(0, len(ordered), 500):
-            chunk = ordered[start : start + 500]
-            page_token = None
-            while True:
-                body: dict[str, Any] = {
-                    "experiment_ids": experiment_ids,
-                    "filter": f"model_id IN ({', '.join(quoted(model_id) for model_id in chunk)})",
-                    "max_results": 500,
-                }
-                if page_token:
-                    body["page_token"] = page_token
-                page = await self._api("POST", "/logged-models/search", json=body)
-                for model in page.get("models", []):
-                    found[model["info"]["model_id"]] = model
-                page_token = page.get("next_page_token")
-                if not page_token:
-                    break
-        return found
+        return await self._mlflow.logged_models(model_ids, experiment_ids)
 
     async def experiment_ids(self) -> list[str]:
-        return [experiment["experiment_id"] for experiment in await self.experiments()]
+        return [experiment.experiment_id for experiment in await self._mlflow.experiments()]
 
-    async def experiments(self) -> list[dict[str, Any]]:
-        """Every experiment, deleted ones included (a version outlives its run's experiment), 1,000 a page."""
-        found: list[dict[str, Any]] = []
-        page_token = None
-        while True:
-            params = {"max_results": "1000", "view_type": "ALL"}
-            if page_token:
-                params["page_token"] = page_token
-            page = await self._api("GET", "/experiments/search", params=params)
-            found += page.get("experiments", [])
-            page_token = page.get("next_page_token")
-            if not page_token:
-                return found
+    async def all_versions(self, name: str) -> list[ModelVersion]:
+        """Every version of a model, oldest first (a name no filter can hold included: see `every_version`)."""
+        versions = [version async for version in self._mlflow.every_version(name)]
+        return sorted(versions, key=lambda v: int(v.version))
 
-    async def all_versions(self, name: str) -> list[dict[str, Any]]:
-        """Every version of a model, oldest first.
-
-        A name no filter literal can hold (both quotes, made straight in MLflow) is found by reading every version:
-        slower, but such a model never fails a rebuild or its own lineage.
-        """
-        literal = filter_literal(name)
-        if literal is None:
-            versions = [raw async for raw in self.every_version() if raw["name"] == name]
-        else:
-            versions = [raw async for raw in self.every_version(f"name = {literal}")]
-        return sorted(versions, key=lambda v: int(v["version"]))
-
-    async def every_version(self, filter_string: str | None = None) -> AsyncIterator[dict[str, Any]]:
-        """Versions matching the filter (all of them without one), read 1,000 a page."""
-        page_token = None
-        while True:
-            params = {"max_results": "1000"}
-            if filter_string:
-                params["filter"] = filter_string
-            if page_token:
-                params["page_token"] = page_token
-            page = await self._api("GET", "/model-versions/search", params=params)
-            for raw in page.get("model_versions", []):
-                yield raw
-            page_token = page.get("next_page_token")
-            if not page_token:
-                return
+    def every_version(self) -> AsyncIterator[ModelVersion]:
+        """Every version in MLflow, read 1,000 a page."""
+        return self._mlflow.every_version()
 
     async def evaluation_experiment_id(self, create: bool = False) -> str | None:
         if self._evaluation_experiment_id is None:
-            found = await self._api(
-                "GET",
-                "/experiments/get-by-name",
-                params={"experiment_name": self._evaluation_experiment},
-                tolerated=frozenset({"RESOURCE_DOES_NOT_EXIST"}),
-            )
-            if "experiment" in found:
-                self._evaluation_experiment_id = found["experiment"]["experiment_id"]
+            found = await self._mlflow.experiment_id(self._evaluation_experiment)
+            if found is not None:
+                self._evaluation_experiment_id = found
             elif create:
-                created = await self._api(
-                    "POST",
-                    "/experiments/create",
-                    json={"name": self._evaluation_experiment},
-                    tolerated=frozenset({"RESOURCE_ALREADY_EXISTS"}),
-                )
-                if "experiment_id" not in created:  # created by another request meanwhile
+                created = await self._mlflow.create_experiment(self._evaluation_experiment)
+                if created is None:  # created by another request meanwhile
                     return await self.evaluation_experiment_id()
-                self._evaluation_experiment_id = created["experiment_id"]
+                self._evaluation_experiment_id = created
         return self._evaluation_experiment_id
 
-    async def latest_evaluation(self, name: str, version: str) -> dict[str, Any] | None:
+    async def latest_evaluation(self, name: str, version: str) -> Run | None:
         experiment_id = await self.evaluation_experiment_id()
         literal = filter_literal(name)
         if experiment_id is None or literal is None:  # no filter can name a model with both quotes: none found
             return None
-        page = await self._api(
-            "POST",
-            "/runs/search",
-            json={
-                "experiment_ids": [experiment_id],
-                "filter": f"tags.{EVALUATED_MODEL_TAG} = {literal} AND tags.{EVALUATED_VERSION_TAG} = '{version}'",
-                "order_by": ["attributes.start_time DESC"],
-                "max_results": 1,
-            },
+        page = await self._mlflow.search_runs_page(
+            [experiment_id],
+            f"tags.{EVALUATED_MODEL_TAG} = {literal} AND tags.{EVALUATED_VERSION_TAG} = '{version}'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
         )
-        runs = page.get("runs", [])
-        return runs[0] if runs else None
+        return page.runs[0] if page.runs else None
 
-    async def latest_evaluations(
-        self, names: set[str], experiment_id: str | None
-    ) -> dict[tuple[str, str], dict[str, Any]]:
+    async def latest_evaluations(self, names: set[str], experiment_id: str | None) -> dict[tuple[str, str], Run]:
         """The latest evaluation run of every evaluated version of the models, keyed by (name, version): one search
         per model (1,000 runs a page), newest first, as latest_evaluation finds them one at a time."""
-        found: dict[tuple[str, str], dict[str, Any]] = {}
+        found: dict[tuple[str, str], Run] = {}
         if experiment_id is None:
             return found
         for name in sorted(names):
             literal = filter_literal(name)
             if literal is None:
                 continue
-            page_token = None
-            while True:
-                body: dict[str, Any] = {
-                    "experiment_ids": [experiment_id],
-                    "filter": f"tags.{EVALUATED_MODEL_TAG} = {literal}",
-                    "order_by": ["attributes.start_time DESC"],
-                    "max_results": 1000,
-                }
-                if page_token:
-                    body["page_token"] = page_token
-                page = await self._api("POST", "/runs/search", json=body)
-                for run in page.get("runs", []):
-                    version = tags_of(run.get("data")).get(EVALUATED_VERSION_TAG)
-                    if version is not None:
-                        found.setdefault((name, version), run)
-                page_token = page.get("next_page_token")
-                if not page_token:
-                    break
+            runs = self._mlflow.search_runs(
+                [experiment_id], f"tags.{EVALUATED_MODEL_TAG} = {literal}", order_by=["attributes.start_time DESC"]
+            )
+            async for run in runs:
+                version = run.tags.get(EVALUATED_VERSION_TAG)
+                if version is not None:
+                    found.setdefault((name, version), run)
         return found
 
 

@@ -1,0 +1,69 @@
+"""How handlers get their collaborators: Annotated dependencies over what the lifespan built.
+
+A route is written `async def f(body: X, caller: Caller, registry: Registry)`: the caller identified and counted
+once, the services built once in the lifespan (runtime.Runtime.provide puts them on app.state). Each provider is
+a FastAPI dependency, so a test replaces one with `app.dependency_overrides[get_registry] = lambda: fake`.
+Domain packages import the aliases from here; nothing here is imported by a service.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from hokusai.server.auth.caller import Caller as CallerRecord
+from hokusai.server.auth.dependencies import current_caller
+from hokusai.server.auth.policy import Policy
+from hokusai.server.auth.service import ApiKeyService
+from hokusai.server.config import Settings
+from hokusai.server.dspy.service import DspyService
+from hokusai.server.health.service import HealthSources
+from hokusai.server.ratelimit.service import RequestRateLimiter
+from hokusai.server.registry.analytics import ModelAnalytics
+from hokusai.server.registry.service import RegistryService
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def get_registry(request: Request) -> RegistryService:
+    return request.app.state.registry
+
+
+def get_analytics(request: Request) -> ModelAnalytics:
+    return request.app.state.analytics
+
+
+def get_dspy(request: Request) -> DspyService:
+    return request.app.state.dspy
+
+
+def get_api_keys(request: Request) -> ApiKeyService:
+    return request.app.state.api_keys
+
+
+def get_limiter(request: Request) -> RequestRateLimiter:
+    return request.app.state.rate_limiter
+
+
+def get_policy(request: Request) -> Policy:
+    """The policy the gate, the gateway and the services share (replace the gate to change what guards ask)."""
+    return request.app.state.policy
+
+
+def get_health(request: Request) -> HealthSources:
+    return request.app.state.health
+
+
+AppSettings = Annotated[Settings, Depends(get_settings)]
+Registry = Annotated[RegistryService, Depends(get_registry)]
+Analytics = Annotated[ModelAnalytics, Depends(get_analytics)]
+Dspy = Annotated[DspyService, Depends(get_dspy)]
+ApiKeys = Annotated[ApiKeyService, Depends(get_api_keys)]
+Limiter = Annotated[RequestRateLimiter, Depends(get_limiter)]
+AccessPolicy = Annotated[Policy, Depends(get_policy)]
+Health = Annotated[HealthSources, Depends(get_health)]
+# Identified and throttled; what the caller may do is each route's guard (`auth.dependencies.allow(action)`).
+Caller = Annotated[CallerRecord, Depends(current_caller)]
