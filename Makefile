@@ -21,6 +21,8 @@ $(VENV)/.dev-installed: pyproject.toml | $(BIN)/python
 run: $(VENV)/.server-installed
 	$(BIN)/hokusai serve
 
+# One pytest worker per core, each test module whole on one worker (its module fixtures and test order kept).
+PYTEST_ARGS ?= -n auto --dist loadfile
 test: $(VENV)/.dev-installed
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 

@@ -21,8 +21,8 @@ from hokusai.server.mlflow.embedded import embedded_mlflow_command, free_loopbac
 from tests.fake_lm import FakeLanguageModel
 from tests.support import (
     MlflowServer,
+    Service,
     ServiceFactory,
-    ServiceProcess,
     stop_process_group,
     unavailable,
     wait_for_status,
@@ -51,18 +51,31 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     stop_process_group(process)
 
 
-@pytest.fixture(scope="session")
-def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., ServiceProcess]]:
+@pytest.fixture(scope="module")
+def start_service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Service]]:
+    """Starts services (in this process; `process=True` for a `hokusai serve` process); each is stopped at the end
+    of the module that started it."""
     factory = ServiceFactory(tmp_path_factory)
     yield factory
     factory.stop_all()
 
 
 @pytest.fixture(scope="session")
-def service(start_service: Callable[..., ServiceProcess], mlflow_server: MlflowServer) -> ServiceProcess:
-    """The shared service: SQLite database, the session's MLflow, a 1 s key cache so revocations show quickly, and
-    room for the many registrations the registry tests make (the 20/minute policy has tests of its own)."""
-    return start_service(mlflow_url=mlflow_server.url, auth_cache_ttl="1", rate_limit_registration="1000/minute")
+def service(tmp_path_factory: pytest.TempPathFactory, mlflow_server: MlflowServer) -> Iterator[Service]:
+    """The shared service (in this process): SQLite database, the session's MLflow, a 1 s key cache so revocations
+    show quickly, and room for the many registrations the registry tests make (the 20/minute policy has tests of its
+    own). One per session, so one per xdist worker."""
+    factory = ServiceFactory(tmp_path_factory)
+    yield factory(mlflow_url=mlflow_server.url, auth_cache_ttl="1", rate_limit_registration="1000/minute")
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def service_process(start_service: Callable[..., Service], mlflow_server: MlflowServer) -> Service:
+    """A `hokusai serve` process with the shared service's settings, for tests about the process (its RSS)."""
+    return start_service(
+        process=True, mlflow_url=mlflow_server.url, auth_cache_ttl="1", rate_limit_registration="1000/minute"
+    )
 
 
 @pytest.fixture(scope="session")
@@ -126,7 +139,7 @@ def anyio_backend() -> str:
 
 
 @pytest.fixture(scope="module")
-def keys(service: ServiceProcess, request: pytest.FixtureRequest) -> dict[str, str]:
+def keys(service: Service, request: pytest.FixtureRequest) -> dict[str, str]:
     """A read key and a write key on the shared service, new for each test module."""
     made = {}
     with service.client(service.admin_key) as admin:
@@ -137,12 +150,12 @@ def keys(service: ServiceProcess, request: pytest.FixtureRequest) -> dict[str, s
 
 
 @pytest.fixture(scope="module")
-def writer(service: ServiceProcess, keys: dict[str, str]):
+def writer(service: Service, keys: dict[str, str]):
     with service.client(keys["write"]) as client:
         yield client
 
 
 @pytest.fixture(scope="module")
-def reader(service: ServiceProcess, keys: dict[str, str]):
+def reader(service: Service, keys: dict[str, str]):
     with service.client(keys["read"]) as client:
         yield client

@@ -1,9 +1,11 @@
-"""Helpers for tests that start real processes: the service, MLflow, the CLI."""
+"""Helpers for tests that start services (in this process or as real processes), MLflow, the CLI."""
 
 from __future__ import annotations
 
+import contextvars
 import http.server
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -92,6 +94,115 @@ class ServiceProcess:
         stop_process_group(self.process)
 
 
+# Which in-process service a log record belongs to: set in the thread that runs the service's event loop, so its
+# tasks and the worker threads they start (anyio and asyncio copy the context) carry it.
+_RUNNING_SERVICE: contextvars.ContextVar[object | None] = contextvars.ContextVar("running_service", default=None)
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"  # hokusai.server.logs's
+
+
+class _OwnRecords(logging.Filter):
+    def __init__(self, owner: object) -> None:
+        super().__init__()
+        self.owner = owner
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return _RUNNING_SERVICE.get() is self.owner
+
+
+@dataclass
+class InProcessService:
+    """`create_app(settings)` served by uvicorn, as `hokusai serve` serves it (same protocol class, connection
+    limit, no access log), on a loopback port from a thread of the test process: the same HTTP contract without a
+    process start. Its settings come from HOKUSAI_* variables written to a dotenv file, parsed as the environment
+    of `hokusai serve` is; its log records (the formatter and filter of `configure_logging`) go to `log_path`.
+
+    Not for what is about processes: signals, RSS, process-wide state read back (the Prometheus breaker gauges),
+    the embedded MLflow child, several service processes on one Redis. `process` is None."""
+
+    base_url: str
+    home: Path
+    log_path: Path
+    env: dict[str, str]
+    admin_key: str | None = None
+    process: None = None
+    _server: object | None = None
+    _thread: threading.Thread | None = None
+    _handler: logging.Handler | None = None
+
+    client = ServiceProcess.client
+    logs = ServiceProcess.logs
+    cli = ServiceProcess.cli
+
+    def start(self, overrides: dict[str, str], timeout: float = 90.0) -> None:
+        import uvicorn
+
+        from hokusai.server.app import create_app
+        from hokusai.server.config import Settings
+        from hokusai.server.http_protocol import header_timeout_protocol
+        from hokusai.server.logs import RedactingFormatter, RequestContextFilter
+
+        env_file = self.home / "service.env"
+        lines = []
+        for name, value in overrides.items():
+            assert "'" not in value and "\n" not in value, (name, value)
+            lines.append(f"{name}='{value}'\n")
+        env_file.write_text("".join(lines))
+        settings = Settings(_env_file=env_file)
+
+        handler = logging.FileHandler(self.log_path, encoding="utf-8")
+        handler.setLevel(settings.log_level)
+        handler.addFilter(_OwnRecords(self))
+        handler.addFilter(RequestContextFilter())
+        handler.setFormatter(RedactingFormatter(LOG_FORMAT))
+        root = logging.getLogger()
+        if root.level > logging.getLevelName(settings.log_level):
+            root.setLevel(settings.log_level)
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # as configure_logging does
+        root.addHandler(handler)
+        self._handler = handler
+
+        config = uvicorn.Config(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            http=header_timeout_protocol(settings.header_timeout),
+            limit_concurrency=settings.max_connections,
+            log_config=None,
+            access_log=False,
+            proxy_headers=False,
+        )
+        server = uvicorn.Server(config)
+        self._server = server
+
+        def serve() -> None:
+            _RUNNING_SERVICE.set(self)
+            server.run()
+
+        self._thread = threading.Thread(target=serve, name=f"service-{settings.port}", daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            if not self._thread.is_alive():
+                self._detach_log()
+                raise RuntimeError(f"in-process service did not start:\n{self.logs()[-4000:]}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise TimeoutError(f"in-process service did not start within {timeout}s")
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self._thread is not None and self._thread.is_alive():
+            self._server.should_exit = True
+            self._thread.join(60)
+        self._detach_log()
+
+    def _detach_log(self) -> None:
+        if self._handler is not None:
+            logging.getLogger().removeHandler(self._handler)
+            self._handler.close()
+            self._handler = None
+
+
 def service_environment(**overrides: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HOKUSAI_")}
     env.update(overrides)
@@ -154,12 +265,19 @@ def run_cli(
     )
 
 
+Service = ServiceProcess | InProcessService
+
+
 @dataclass
 class ServiceFactory:
-    tmp_path_factory: pytest.TempPathFactory
-    started: list[ServiceProcess] = field(default_factory=list)
+    """Starts services: in this process unless `process=True` (what the test is about is the process)."""
 
-    def __call__(self, wait_until: str = "ready", bootstrap: bool = True, **settings: str) -> ServiceProcess:
+    tmp_path_factory: pytest.TempPathFactory
+    started: list[Service] = field(default_factory=list)
+
+    def __call__(
+        self, wait_until: str = "ready", bootstrap: bool = True, process: bool = False, **settings: str
+    ) -> Service:
         home = self.tmp_path_factory.mktemp("hokusai-home")
         port = free_loopback_port()
         admin_key = generate_api_key() if bootstrap else None
@@ -169,16 +287,23 @@ class ServiceFactory:
         overrides.update({f"HOKUSAI_{name.upper()}": value for name, value in settings.items()})
         env = service_environment(**overrides)
         log_path = home / "service.log"
-        process = spawn_service(env, log_path)
-        service = ServiceProcess(f"http://127.0.0.1:{port}", home, log_path, process, env, admin_key)
-        self.started.append(service)
+        base_url = f"http://127.0.0.1:{port}"
         path = {"ready": "/ready", "live": "/live"}[wait_until]
-        wait_for_status(service.base_url + path, process=process, log=log_path)
+        if process:
+            spawned = spawn_service(env, log_path)
+            service: Service = ServiceProcess(base_url, home, log_path, spawned, env, admin_key)
+            self.started.append(service)
+            wait_for_status(base_url + path, process=spawned, log=log_path)
+            return service
+        service = InProcessService(base_url, home, log_path, env, admin_key)
+        self.started.append(service)
+        service.start(overrides)
+        wait_for_status(base_url + path)
         return service
 
     def stop_all(self) -> None:
-        for service in self.started:
-            service.stop()
+        while self.started:
+            self.started.pop().stop()
 
 
 @dataclass
@@ -205,6 +330,7 @@ class RecordingUpstream:
 
         recorder = self
         self.requests: list[RecordedRequest] = []
+        self.answered: list[str] = []  # paths whose handling ended (answered, or the client had gone)
         self.delay_seconds = delay_seconds
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -225,6 +351,8 @@ class RecordingUpstream:
                     self.wfile.write(payload)
                 except (BrokenPipeError, ConnectionResetError):
                     pass  # the gateway gave up first (the timeout test): that is the point
+                finally:
+                    recorder.answered.append(self.path)
 
             do_GET = do_POST = do_PUT = do_PATCH = do_DELETE = do_HEAD = _serve
 

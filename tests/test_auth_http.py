@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import httpx
 import pytest
@@ -140,12 +140,16 @@ def test_key_management_over_http(service, admin_client):
     mine = next(item for item in listed if item["id"] == created["id"])
     assert "key" not in mine and "key_hash" not in mine
     assert created["key"] not in json.dumps(listed)
+    assert mine["last_used_at"] is None  # never presented yet
 
     with service.client(created["key"]) as client:
         assert client.get("/openapi.json").status_code == 200
+        assert client.get("/models/", params={"name": "no-such-model"}).status_code == 200
     listed = admin_client.get(KEYS_URL).json()
     # last_used_at is recorded when the server reads the key (at most once per cache period).
-    assert any(item["id"] == created["id"] for item in listed)
+    used = next(item for item in listed if item["id"] == created["id"])
+    assert used["last_used_at"] is not None
+    assert datetime.fromisoformat(used["last_used_at"]) >= datetime.fromisoformat(created["created_at"])
 
 
 @pytest.mark.parametrize(

@@ -101,8 +101,13 @@ def test_released_probe_frees_its_slot(clock):
     breaker = make(clock)
     fail(breaker, 3)
     clock.now += 10
-    breaker.release(breaker.acquire())  # e.g. the client went away before MLflow answered
-    breaker.acquire()
+    probe = breaker.acquire()
+    assert probe.probe and breaker.state is BreakerState.HALF_OPEN
+    with pytest.raises(CircuitOpen):
+        breaker.acquire()  # the one probe slot is taken
+    breaker.release(probe)  # e.g. the client went away before MLflow answered
+    assert breaker.state is BreakerState.HALF_OPEN  # a released probe proves nothing either way
+    assert breaker.acquire().probe  # the slot is free again
 
 
 def test_manual_reset(clock):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -170,12 +169,13 @@ def test_language_model_failures_are_502_and_recorded(author, user, dspy_keys, d
             assert record["usage"][model]["total_tokens"] > 0
 
 
-def test_timeouts_are_504_and_capped(author, user):
+def test_timeouts_are_504_and_capped(author, user, fake_lm):
     declare(author, program_id="slow", module="Predict", lm={"model": "openai/slow-3000"})
-    started = time.monotonic()
+    asked, answered = fake_lm.started["slow-3000"], fake_lm.finished["slow-3000"]
     timed_out = user.post("/api/v1/dspy/execute", json={"program_id": "slow", "inputs": INPUTS, "timeout": 0.5})
     assert timed_out.status_code == 504 and timed_out.json() == {"detail": "DSPy execution timed out after 0.5s"}
-    assert time.monotonic() - started < 2.9  # the LM's 3 s were not waited for
+    assert fake_lm.started["slow-3000"] == asked + 1  # the call reached the LM ...
+    assert fake_lm.finished["slow-3000"] == answered  # ... and its 3 s were not waited for
     record = user.get(f"/api/v1/dspy/execution/{timed_out.headers['x-execution-id']}").json()
     assert record["error_type"] == "timeout"
     capped = user.post("/api/v1/dspy/execute", json={"program_id": "slow", "inputs": INPUTS, "timeout": 3600})
@@ -186,16 +186,17 @@ def test_batch_runs_items_concurrently_with_mixed_failures(author, user, fake_lm
     declare(author, program_id="batch-slow", module="Predict", lm={"model": "openai/slow-200"})
     items = [{**INPUTS, "recipient": f"r{i}@x"} for i in range(20)]
     items[3] = {"recipient": "only"}  # invalid: a failed item, not a failed batch
-    started = time.monotonic()
+    asked = fake_lm.started["slow-200"]
+    fake_lm.most_in_flight["slow-200"] = 0
     answer = user.post("/api/v1/dspy/execute/batch", json={"program_id": "batch-slow", "inputs_list": items})
-    elapsed = time.monotonic() - started
     assert answer.status_code == 200, answer.text
     body = answer.json()
     assert body["total"] == 20 and body["successful"] == 19 and body["failed"] == 1
     assert [r["success"] for r in body["results"]] == [i != 3 for i in range(20)]
     assert body["results"][5]["outputs"]["generated_email"] == "generated_email for r5@x"  # in the order given
     assert "missing input fields" in body["results"][3]["error"]
-    assert elapsed < 20 * 0.2  # concurrent: 20 sequential calls would take 4 s
+    assert fake_lm.started["slow-200"] == asked + 19  # one call per valid item ...
+    assert fake_lm.most_in_flight["slow-200"] > 1  # ... several at once: concurrent, not one after another
     assert all(r["metadata"]["batch_id"] == body["batch_id"] for r in body["results"])
     record = user.get(f"/api/v1/dspy/execution/{body['results'][3]['execution_id']}").json()
     assert record["batch_id"] == body["batch_id"] and record["error_type"] == "invalid_input"
@@ -366,6 +367,6 @@ def test_stats_survive_a_restart_and_cache_clear(  # last: it stops the module's
         for name, value in dspy_service.env.items()
         if name.startswith("HOKUSAI_") and name not in per_process
     }
-    again = start_service(**same_settings, bootstrap=False)  # same database, new process
+    again = start_service(**same_settings, bootstrap=False, process=True)  # same database, new process
     with again.client(dspy_keys["read"]) as client:
         assert client.get("/api/v1/dspy/stats").json()["statistics"] == overall

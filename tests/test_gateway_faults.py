@@ -29,7 +29,6 @@ THRESHOLD = 3
 @dataclass
 class Outcome:
     status: int
-    seconds: float
     detail: str | None
 
 
@@ -67,7 +66,8 @@ def own_mlflow(tmp_path):
 
 
 def test_breaker_opens_when_mlflow_stops_and_closes_by_itself_when_it_returns(start_service, own_mlflow):
-    service = start_service(
+    service = start_service(  # a process: the breaker gauges are process-wide
+        process=True,
         mlflow_url=own_mlflow.url,
         mlflow_timeout=str(TIMEOUT),
         breaker_failure_threshold=str(THRESHOLD),
@@ -81,10 +81,9 @@ def test_breaker_opens_when_mlflow_stops_and_closes_by_itself_when_it_returns(st
     def stream_of_requests() -> None:
         with service.client(service.admin_key) as client:
             while not stop.is_set():
-                started = time.monotonic()
                 response = client.get(SEARCH)
                 detail = response.json().get("detail") if response.status_code != 200 else None
-                outcomes.append(Outcome(response.status_code, time.monotonic() - started, detail))
+                outcomes.append(Outcome(response.status_code, detail))
                 time.sleep(0.05)
 
     worker = threading.Thread(target=stream_of_requests)
@@ -120,7 +119,9 @@ def test_breaker_opens_when_mlflow_stops_and_closes_by_itself_when_it_returns(st
         stop.set()
         worker.join()
 
-    assert all(o.seconds < TIMEOUT for o in outcomes), max(o.seconds for o in outcomes)
+    # every request was answered by MLflow, refused at connect (502) or by the open breaker (503): none waited for
+    # the upstream timeout (a 504)
+    assert {o.status for o in outcomes} <= {200, 502, 503}, [o.status for o in outcomes]
     with httpx.Client(base_url=service.base_url) as public:
         state = public.get("/health/mlflow")
         assert state.status_code == 200 and state.json()["circuit_breaker_state"] == "CLOSED"
@@ -154,7 +155,8 @@ def _sample_peak_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
         time.sleep(0.02)
 
 
-def test_200_mb_artifact_streams_through_the_gateway_with_flat_memory(service, tmp_path):
+def test_200_mb_artifact_streams_through_the_gateway_with_flat_memory(service_process, tmp_path):
+    service = service_process
     size = 200 * 2**20
     source = tmp_path / "big.bin"
     digest = hashlib.sha256()

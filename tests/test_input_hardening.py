@@ -148,7 +148,10 @@ def test_the_last_active_admin_key_cannot_be_revoked(start_service, mlflow_serve
 
     with concurrent.futures.ThreadPoolExecutor(2) as pool:
         statuses = sorted(pool.map(revoke, [second["id"], third["id"]]))
-    assert statuses == [200, 409]
+    # Exactly one revocation wins. The other is refused: 409 (the last admin key), or 401 when the winner revoked
+    # the very key the loser authenticates with before its lookup (both requests use `third`). The store-level
+    # race without authentication is pinned to exactly one 409 in test_api_key_store.py.
+    assert statuses[0] == 200 and statuses[1] in (401, 409), statuses
     with service.client(service.admin_key) as old:
         assert old.get(KEYS_URL).status_code == 401
     active = [key for key in json.loads(service.cli("keys", "list", "--json").stdout) if not key["revoked_at"]]

@@ -134,7 +134,7 @@ def markers():
 @pytest.fixture(scope="module")
 def isolated(start_service, mlflow_server, tmp_path_factory, markers) -> ServiceProcess:
     """A service with a short call timeout, and the four models registered in it."""
-    service = start_service(mlflow_url=mlflow_server.url, model_call_timeout="3", model_workers="2")
+    service = start_service(process=True, mlflow_url=mlflow_server.url, model_call_timeout="3", model_workers="2")
     sources = tmp_path_factory.mktemp("model-code")
     files = {}
     for key, body in MODEL_CODE.items():

@@ -148,8 +148,8 @@ def test_two_processes_share_one_count_through_redis(start_service, mlflow_serve
         "redis_url": redis_url,
         "database_url": f"sqlite:///{tmp_path / 'shared.db'}",
     }
-    first = start_service(**shared)
-    second = start_service(**shared, bootstrap=False)
+    first = start_service(**shared, process=True)
+    second = start_service(**shared, process=True, bootstrap=False)
     key = new_key(first, rate_limit_per_hour=7)
     start_well_inside_window(3600)
     statuses = [call(service, key).status_code for _ in range(5) for service in (first, second)]

@@ -106,7 +106,8 @@ def post_unauthenticated(base_url: str, size: int, declare_length: bool) -> http
         return client.post(PREDICT, content=json_body(size), headers=headers)
 
 
-def test_a_100_mb_body_without_a_key_is_refused_before_it_is_read(service):
+def test_a_100_mb_body_without_a_key_is_refused_before_it_is_read(service_process):
+    service = service_process
     with service.client() as client:
         assert client.post(PREDICT, json={"inputs": [[1]]}).status_code == 401  # warm: first-request allocations
     with PeakRss(service.process.pid) as rss:
@@ -117,7 +118,8 @@ def test_a_100_mb_body_without_a_key_is_refused_before_it_is_read(service):
     assert rss.growth_mb < 20
 
 
-def test_four_100_mb_bodies_in_parallel_without_a_key(service):
+def test_four_100_mb_bodies_in_parallel_without_a_key(service_process):
+    service = service_process
     with PeakRss(service.process.pid) as rss, ThreadPoolExecutor(4) as pool:
         answers = list(
             pool.map(lambda n: post_unauthenticated(service.base_url, 100 * MB, declare_length=n % 2 == 0), range(4))
@@ -127,7 +129,8 @@ def test_four_100_mb_bodies_in_parallel_without_a_key(service):
     assert rss.growth_mb < 20
 
 
-def test_a_100_mb_body_with_a_read_key_on_a_write_route_is_refused_before_it_is_read(service):
+def test_a_100_mb_body_with_a_read_key_on_a_write_route_is_refused_before_it_is_read(service_process):
+    service = service_process
     read_key = create_key(service, ["read"])
     size = 100 * MB
     with PeakRss(service.process.pid) as rss, httpx.Client(base_url=service.base_url, timeout=120) as client:
