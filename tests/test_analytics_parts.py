@@ -11,20 +11,20 @@ import mlflow
 import pytest
 from sqlalchemy import inspect
 
+from hokusai.server.analytics.contributors import ContributionStore, checksum_address, contributor_shares
+from hokusai.server.analytics.evaluation import local_dataset
+from hokusai.server.analytics.lineage import LineageService, training_data_tag
+from hokusai.server.analytics.models import ContributionRow
+from hokusai.server.analytics.performance import split_by_prefix
+from hokusai.server.analytics.predictions import PredictionStore
+from hokusai.server.analytics.versions import MetricDirection, ModelReference, VersionReader
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, run_migrations
 from hokusai.server.errors import InvalidRequest
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.models.files import trim_directory
 from hokusai.server.models.worker import jsonable_predictions
-from hokusai.server.registry.contributors import ContributionStore, checksum_address, contributor_shares
-from hokusai.server.registry.evaluation import local_dataset
-from hokusai.server.registry.lineage import LineageService, training_data_tag
 from hokusai.server.registry.mlflow_api import MlflowApi
-from hokusai.server.registry.models import ContributionRow
-from hokusai.server.registry.performance import split_by_prefix
-from hokusai.server.registry.predictions import PredictionStore
-from hokusai.server.registry.versions import MetricDirection, ModelReference, VersionReader
 from hokusai.server.runtime import build_breaker
 
 # The test vectors of EIP-55 itself.
@@ -163,7 +163,7 @@ async def test_analytics_tables_and_indexes(database):
 async def test_prediction_history_groups_by_utc_day(database):
     store = PredictionStore(database)
     async with database.session() as session, session.begin():
-        from hokusai.server.registry.models import PredictionRow
+        from hokusai.server.analytics.models import PredictionRow
 
         for day, rows, success in ((1, 5, True), (1, 7, True), (2, 4, False), (3, 2, True)):
             moment = datetime(2026, 1, day, 23, 59, 59, tzinfo=UTC)  # late in the UTC day: not moved by time zones

@@ -217,10 +217,10 @@ def contributions_rebuild(as_json: bool = typer.Option(False, "--json", help="Pr
     starts the embedded MLflow of HOKUSAI_HOME for the duration.
     """
     settings = _existing_database_settings()
+    from hokusai.server.analytics.service import ModelAnalytics
     from hokusai.server.db import Database, run_migrations
     from hokusai.server.mlflow.embedded import EmbeddedMlflow
     from hokusai.server.mlflow.upstream import MlflowUpstream
-    from hokusai.server.registry.analytics import ModelAnalytics
     from hokusai.server.runtime import build_breaker, upstream_authorization
 
     run_migrations(settings.database_dsn)

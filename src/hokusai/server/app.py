@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from hokusai import __version__
+from hokusai.server.analytics.router import build_router as build_analytics_router
 from hokusai.server.auth.router import router as keys_router
 from hokusai.server.config import Settings, load_settings
 from hokusai.server.dspy.router import router as dspy_router
@@ -61,6 +62,7 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
     app.include_router(keys_router)
     app.include_router(dspy_router)
     for prefix in ("/models", "/api/models"):  # the production base URL is /api
+        app.include_router(build_analytics_router(prefix))  # first: its fixed segments before {model_name}/{version}
         app.include_router(build_registry_router(prefix))
     install_openapi(app)  # security schemes, 401/403/429 of guarded routes, the gateway
     # The last added runs first: request context (ids, access log) -> bounds (identify before the body, size and

@@ -12,6 +12,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from hokusai.server.analytics.service import ModelAnalytics
 from hokusai.server.auth.caller import Caller as CallerRecord
 from hokusai.server.auth.dependencies import current_caller
 from hokusai.server.auth.policy import Policy
@@ -20,7 +21,6 @@ from hokusai.server.config import Settings
 from hokusai.server.dspy.service import DspyService
 from hokusai.server.health.service import HealthSources
 from hokusai.server.ratelimit.service import RequestRateLimiter
-from hokusai.server.registry.analytics import ModelAnalytics
 from hokusai.server.registry.service import RegistryService
 
 

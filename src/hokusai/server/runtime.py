@@ -17,6 +17,7 @@ import anyio
 from redis.asyncio import Redis
 from starlette.datastructures import State
 
+from hokusai.server.analytics.service import ModelAnalytics
 from hokusai.server.auth.gate import Gate
 from hokusai.server.auth.identity import KeyIdentifier
 from hokusai.server.auth.policy import Policy
@@ -37,7 +38,6 @@ from hokusai.server.ratelimit.policies import parse_limit, route_limits
 from hokusai.server.ratelimit.service import RequestRateLimiter
 from hokusai.server.ratelimit.throttle import Throttle
 from hokusai.server.redis_breaker import RedisBreaker, redis_retry
-from hokusai.server.registry.analytics import ModelAnalytics
 from hokusai.server.registry.cache import RegistryReadCache
 from hokusai.server.registry.locks import ModelLocks
 from hokusai.server.registry.service import RegistryService

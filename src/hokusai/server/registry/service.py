@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel
 from sqlalchemy import func, select, tuple_
 
+from hokusai.server.analytics.contributors import contributor_shares, normalized_contributor_metadata
 from hokusai.server.auth.caller import Caller
 from hokusai.server.auth.policy import Policy
 from hokusai.server.db import Database, utcnow
@@ -30,7 +31,6 @@ from hokusai.server.mlflow.registry_client import (  # noqa: F401 (ModelNotFound
 )
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.registry.cache import RegistryReadCache
-from hokusai.server.registry.contributors import contributor_shares, normalized_contributor_metadata
 from hokusai.server.registry.download import (
     DownloadPlan,
     archive_filename,

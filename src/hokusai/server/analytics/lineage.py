@@ -8,25 +8,25 @@ from collections.abc import Mapping
 
 from sqlalchemy import select
 
-from hokusai.server.db import Database
-from hokusai.server.errors import InvalidRequest, NotFound
-from hokusai.server.mlflow.registry_client import ModelVersion, Run
-from hokusai.server.registry.contributors import contributors_in_tags
-from hokusai.server.registry.inputs import canonical_version, holdable_name
-from hokusai.server.registry.models import ModelIdRow
-from hokusai.server.registry.schemas import (
+from hokusai.server.analytics.contributors import contributors_in_tags
+from hokusai.server.analytics.schemas import (
     DatasetInput,
     ImprovementHistory,
     ImprovementStep,
     VersionLineage,
 )
-from hokusai.server.registry.versions import (
+from hokusai.server.analytics.versions import (
     MetricDirection,
     ModelReference,
     VersionFacts,
     VersionReader,
     benchmark_step,
 )
+from hokusai.server.db import Database
+from hokusai.server.errors import InvalidRequest, NotFound
+from hokusai.server.mlflow.registry_client import ModelVersion, Run
+from hokusai.server.registry.inputs import canonical_version, holdable_name
+from hokusai.server.registry.models import ModelIdRow
 from hokusai.server.timestamps import from_millis, iso
 
 PARENT_VERSION_TAG = "parent_version"

@@ -18,10 +18,10 @@ from typing import Any
 from Crypto.Hash import keccak
 from sqlalchemy import case, delete, func, select
 
+from hokusai.server.analytics.models import ContributionRow
+from hokusai.server.analytics.schemas import Contribution, ContributorImpact, ContributorShare
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import InvalidRequest
-from hokusai.server.registry.models import ContributionRow
-from hokusai.server.registry.schemas import Contribution, ContributorImpact, ContributorShare
 from hokusai.server.timestamps import as_utc, iso
 
 CONTRIBUTOR_TAG = "contributor_address"

@@ -27,6 +27,15 @@ from typing import Any
 import anyio
 from sqlalchemy import select, update
 
+from hokusai.server.analytics.models import EvaluationRow
+from hokusai.server.analytics.predictions import model_source
+from hokusai.server.analytics.schemas import EvaluateRequest, Evaluation
+from hokusai.server.analytics.versions import (
+    EVALUATED_MODEL_TAG,
+    EVALUATED_VERSION_TAG,
+    EVALUATION_PREFIX,
+    VersionReader,
+)
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
 from hokusai.server.mlflow.registry_client import ModelVersion
@@ -35,16 +44,7 @@ from hokusai.server.models.files import ModelFiles
 from hokusai.server.models.pool import ModelSource, ModelWorkerPool
 from hokusai.server.models.protocol import frame_to_arrow
 from hokusai.server.registry.download import ArtifactFile, save_files, served_artifact_root
-from hokusai.server.registry.models import EvaluationRow
-from hokusai.server.registry.predictions import model_source
 from hokusai.server.registry.registration import RUN_ARTIFACT
-from hokusai.server.registry.schemas import EvaluateRequest, Evaluation
-from hokusai.server.registry.versions import (
-    EVALUATED_MODEL_TAG,
-    EVALUATED_VERSION_TAG,
-    EVALUATION_PREFIX,
-    VersionReader,
-)
 from hokusai.server.timestamps import iso
 
 logger = logging.getLogger(__name__)

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import asyncio
 
-from hokusai.server.registry.predictions import PredictionStore
-from hokusai.server.registry.schemas import VersionMetrics
-from hokusai.server.registry.versions import VersionReader, run_metrics
+from hokusai.server.analytics.predictions import PredictionStore
+from hokusai.server.analytics.schemas import VersionMetrics
+from hokusai.server.analytics.versions import VersionReader, run_metrics
 
 TRAINING_PREFIXES = ("training_", "train_")
 VALIDATION_PREFIXES = ("validation_", "val_", "eval_")

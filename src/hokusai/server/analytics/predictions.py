@@ -16,19 +16,19 @@ from typing import Any
 import anyio
 from sqlalchemy import Date, cast, func, select
 
-from hokusai.server.db import Database, utcnow
-from hokusai.server.errors import HokusaiError, InvalidRequest, Unprocessable
-from hokusai.server.mlflow.registry_client import version_number
-from hokusai.server.models.files import ModelFiles
-from hokusai.server.models.pool import ModelSource, ModelUnusable, ModelWorkerPool
-from hokusai.server.registry.models import PredictionRow
-from hokusai.server.registry.schemas import (
+from hokusai.server.analytics.models import PredictionRow
+from hokusai.server.analytics.schemas import (
     DailyCount,
     DateRange,
     PredictionHistory,
     PredictResponse,
     ProductionMetrics,
 )
+from hokusai.server.db import Database, utcnow
+from hokusai.server.errors import HokusaiError, InvalidRequest, Unprocessable
+from hokusai.server.mlflow.registry_client import version_number
+from hokusai.server.models.files import ModelFiles
+from hokusai.server.models.pool import ModelSource, ModelUnusable, ModelWorkerPool
 
 
 async def model_source(files: ModelFiles, name: str, version: str) -> ModelSource:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
+from hokusai.server.analytics.schemas import ComparedVersion, Comparison
+from hokusai.server.analytics.versions import MetricDirection, ModelReference, VersionFacts, VersionReader
 from hokusai.server.errors import InvalidRequest
-from hokusai.server.registry.schemas import ComparedVersion, Comparison
-from hokusai.server.registry.versions import MetricDirection, ModelReference, VersionFacts, VersionReader
 
 
 class ComparisonService:

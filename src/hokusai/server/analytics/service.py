@@ -4,20 +4,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from hokusai.server.analytics.comparison import ComparisonService
+from hokusai.server.analytics.contributors import ContributionStore
+from hokusai.server.analytics.evaluation import EvaluationService
+from hokusai.server.analytics.impact import ImpactService
+from hokusai.server.analytics.lineage import LineageService
+from hokusai.server.analytics.performance import PerformanceService
+from hokusai.server.analytics.predictions import PredictionService, PredictionStore
+from hokusai.server.analytics.versions import MetricDirection, VersionReader
 from hokusai.server.config import Settings
 from hokusai.server.db import Database
 from hokusai.server.mlflow.registry_client import RegistryClient
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.models.files import ModelFiles
 from hokusai.server.models.pool import ModelWorkerPool, WorkerLimits
-from hokusai.server.registry.comparison import ComparisonService
-from hokusai.server.registry.contributors import ContributionStore
-from hokusai.server.registry.evaluation import EvaluationService
-from hokusai.server.registry.impact import ImpactService
-from hokusai.server.registry.lineage import LineageService
-from hokusai.server.registry.performance import PerformanceService
-from hokusai.server.registry.predictions import PredictionService, PredictionStore
-from hokusai.server.registry.versions import MetricDirection, VersionReader
 
 
 @dataclass

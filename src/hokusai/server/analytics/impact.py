@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from hokusai.server.analytics.contributors import ContributionStore, checksum_address, contributors_in_tags
+from hokusai.server.analytics.lineage import LineageService
+from hokusai.server.analytics.models import ContributionRow
+from hokusai.server.analytics.schemas import ContributorImpact
+from hokusai.server.analytics.versions import MetricDirection, VersionReader, benchmark_step
 from hokusai.server.errors import NotFound
-from hokusai.server.registry.contributors import ContributionStore, checksum_address, contributors_in_tags
-from hokusai.server.registry.lineage import LineageService
-from hokusai.server.registry.models import ContributionRow
-from hokusai.server.registry.schemas import ContributorImpact
-from hokusai.server.registry.versions import MetricDirection, VersionReader, benchmark_step
 
 logger = logging.getLogger(__name__)
 

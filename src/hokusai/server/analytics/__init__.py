@@ -1,0 +1,1 @@
+"""Model analytics: compare, evaluate, predict, metrics, lineage, contributors and their impact."""
