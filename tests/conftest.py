@@ -21,6 +21,7 @@ from hokusai.server.mlflow.embedded import embedded_mlflow_command, free_loopbac
 from tests.fake_lm import FakeLanguageModel
 from tests.support import (
     MlflowServer,
+    PrivateRedis,
     Service,
     ServiceFactory,
     stop_process_group,
@@ -159,3 +160,11 @@ def writer(service: Service, keys: dict[str, str]):
 def reader(service: Service, keys: dict[str, str]):
     with service.client(keys["read"]) as client:
         yield client
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A redis-server of this test alone (it may be stopped or paused), stopped at the end."""
+    server = PrivateRedis()
+    yield server
+    server.stop()

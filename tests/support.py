@@ -7,6 +7,7 @@ import http.server
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -408,3 +409,42 @@ class ScriptedServer:
 
     def stop(self) -> None:
         self.server.shutdown()
+
+
+class PrivateRedis:
+    """A redis-server of one test alone, which it may stop or pause: the machine's shared one (other tests use it)
+    is never touched."""
+
+    def __init__(self) -> None:
+        import redis
+
+        binary = shutil.which("redis-server")
+        if binary is None:
+            unavailable("redis-server", "install Redis (Debian: redis-server)", FileNotFoundError("redis-server"))
+        self.port = free_loopback_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url, socket_timeout=1).ping()
+                break
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def pause(self) -> None:
+        os.kill(self.process.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.kill(self.process.pid, signal.SIGCONT)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.resume()
+            self.process.kill()
+            self.process.wait()

@@ -21,10 +21,10 @@ from hokusai.server.analytics.versions import MetricDirection, ModelReference, V
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, run_migrations
 from hokusai.server.errors import InvalidRequest
+from hokusai.server.mlflow.registry_client import MlflowApi
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.models.files import trim_directory
 from hokusai.server.models.worker import jsonable_predictions
-from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.runtime import build_breaker
 
 # The test vectors of EIP-55 itself.

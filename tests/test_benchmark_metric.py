@@ -15,8 +15,8 @@ from hokusai.server.analytics.lineage import LineageService
 from hokusai.server.analytics.versions import MetricDirection, VersionReader
 from hokusai.server.config import Settings
 from hokusai.server.db import Database
+from hokusai.server.mlflow.registry_client import MlflowApi
 from hokusai.server.mlflow.upstream import MlflowUpstream
-from hokusai.server.registry.mlflow_api import MlflowApi
 from hokusai.server.runtime import build_breaker
 from tests.support import run_analytics_scenario, run_cli, service_environment
 

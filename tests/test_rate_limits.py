@@ -3,16 +3,12 @@
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import time
 
 import httpx
 import pytest
 
-from hokusai.server.mlflow.embedded import free_loopback_port
 from hokusai.server.ratelimit.policies import route_id, route_limits
-from tests.support import unavailable
 
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
 REFUSED = {"detail": "Rate limit exceeded"}
@@ -156,51 +152,13 @@ def test_two_processes_share_one_count_through_redis(start_service, mlflow_serve
     assert statuses.count(200) == 7 and statuses[:7] == [200] * 7 and set(statuses[7:]) == {429}
 
 
-class OwnRedis:
-    """A redis-server this test may stop."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            unavailable("redis-server", "install Redis (Debian: redis-server)", FileNotFoundError("redis-server"))
-        self.port = free_loopback_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        import redis
-
-        while True:
-            try:
-                redis.Redis.from_url(self.url).ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait()
-
-
-@pytest.fixture
-def own_redis():
-    server = OwnRedis()
-    yield server
-    server.stop()
-
-
 @pytest.mark.redis
-def test_redis_stopped_mid_run_fails_open_by_default(start_service, mlflow_server, own_redis):
-    service = start_service(mlflow_url=mlflow_server.url, redis_url=own_redis.url, rate_limit_default_per_hour="3")
+def test_redis_stopped_mid_run_fails_open_by_default(start_service, mlflow_server, private_redis):
+    service = start_service(mlflow_url=mlflow_server.url, redis_url=private_redis.url, rate_limit_default_per_hour="3")
     key = new_key(service)
     start_well_inside_window(3600)
     assert [call(service, key).status_code for _ in range(3)] == [200, 200, 200]
-    own_redis.stop()
+    private_redis.stop()
     after = [call(service, key) for _ in range(5)]
     assert [r.status_code for r in after] == [200] * 5  # served, without limits, while Redis is away
     assert "x-ratelimit-limit" not in after[0].headers
@@ -211,11 +169,11 @@ def test_redis_stopped_mid_run_fails_open_by_default(start_service, mlflow_serve
 
 
 @pytest.mark.redis
-def test_redis_stopped_mid_run_can_fail_closed(start_service, mlflow_server, own_redis):
-    service = start_service(mlflow_url=mlflow_server.url, redis_url=own_redis.url, rate_limit_fail_open="false")
+def test_redis_stopped_mid_run_can_fail_closed(start_service, mlflow_server, private_redis):
+    service = start_service(mlflow_url=mlflow_server.url, redis_url=private_redis.url, rate_limit_fail_open="false")
     key = new_key(service)
     assert call(service, key).status_code == 200
-    own_redis.stop()
+    private_redis.stop()
     refused = call(service, key)
     assert refused.status_code == 503 and refused.json()["detail"] == "Rate limiting is unavailable"
 

@@ -3,66 +3,14 @@ without waiting on it, the service says so, and it uses Redis again once Redis a
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import subprocess
 import time
 
 import httpx
 import pytest
 
-from hokusai.server.mlflow.embedded import free_loopback_port
-from tests.support import unavailable
-
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
 SEARCH = "/mlflow/api/2.0/mlflow/experiments/search?max_results=1"
-
-
-class PrivateRedis:
-    """A redis-server of this test alone: the machine's shared one (other tests use it) is never stopped."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            unavailable("redis-server", "install Redis (Debian: redis-server)", FileNotFoundError("redis-server"))
-        self.port = free_loopback_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        import redis
-
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                redis.Redis.from_url(self.url, socket_timeout=1).ping()
-                break
-            except redis.ConnectionError:
-                assert time.monotonic() < deadline, "redis-server did not start"
-                time.sleep(0.05)
-
-    def pause(self) -> None:
-        os.kill(self.process.pid, signal.SIGSTOP)
-
-    def resume(self) -> None:
-        os.kill(self.process.pid, signal.SIGCONT)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.resume()
-            self.process.kill()
-            self.process.wait()
-
-
-@pytest.fixture
-def private_redis():
-    server = PrivateRedis()
-    yield server
-    server.stop()
 
 
 def redis_status(service) -> dict:

@@ -22,8 +22,7 @@ from hokusai.server.auth.caller import Caller
 from hokusai.server.auth.policy import Policy
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import HokusaiError, InvalidRequest, Unprocessable
-from hokusai.server.mlflow.registry_client import (  # noqa: F401 (ModelNotFound: the registry's not-found error)
-    ModelNotFound,
+from hokusai.server.mlflow.registry_client import (
     ModelVersion,
     RegistryClient,
     name_filter,
