@@ -137,10 +137,9 @@ class InProcessService:
     def start(self, overrides: dict[str, str], timeout: float = 90.0) -> None:
         import uvicorn
 
-        from hokusai.server.app import create_app
         from hokusai.server.config import Settings
-        from hokusai.server.http_protocol import header_timeout_protocol
         from hokusai.server.logs import RedactingFormatter, RequestContextFilter
+        from hokusai.server.serving import uvicorn_config
 
         env_file = self.home / "service.env"
         lines = []
@@ -162,17 +161,7 @@ class InProcessService:
         root.addHandler(handler)
         self._handler = handler
 
-        config = uvicorn.Config(
-            create_app(settings),
-            host=settings.host,
-            port=settings.port,
-            http=header_timeout_protocol(settings.header_timeout),
-            limit_concurrency=settings.max_connections,
-            log_config=None,
-            access_log=False,
-            proxy_headers=False,
-        )
-        server = uvicorn.Server(config)
+        server = uvicorn.Server(uvicorn_config(settings))  # as `hokusai serve` runs it
         self._server = server
 
         def serve() -> None:

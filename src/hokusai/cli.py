@@ -84,21 +84,11 @@ def serve(
 
     import uvicorn
 
-    from hokusai.server.app import create_app
-    from hokusai.server.http_protocol import header_timeout_protocol
     from hokusai.server.logs import configure_logging
+    from hokusai.server.serving import uvicorn_config
 
     configure_logging(settings.log_level)
-    uvicorn.run(
-        create_app(settings),
-        host=settings.host,
-        port=settings.port,
-        http=header_timeout_protocol(settings.header_timeout),
-        limit_concurrency=settings.max_connections,
-        log_config=None,
-        access_log=False,
-        proxy_headers=False,
-    )
+    uvicorn.Server(uvicorn_config(settings)).run()
 
 
 def _with_store(work: Any) -> Any:
