@@ -87,6 +87,15 @@ def serve(
     from hokusai.server.logs import configure_logging
     from hokusai.server.serving import uvicorn_config
 
+    if not settings.migrate_on_start:  # refused here in one line rather than as a traceback from the lifespan
+        from hokusai.server.config import ConfigurationError
+        from hokusai.server.db import require_migrated
+
+        try:
+            require_migrated(settings.database_dsn)
+        except ConfigurationError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(2) from None
     configure_logging(settings.log_level)
     uvicorn.Server(uvicorn_config(settings)).run()
 

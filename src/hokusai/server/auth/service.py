@@ -111,13 +111,14 @@ async def ensure_admin_key(store: ApiKeyStore, supplied: str | None, key_file: P
 
     With `supplied` (HOKUSAI_BOOTSTRAP_ADMIN_KEY) that key is stored and nothing is printed or written.
     Otherwise a new key is written to `key_file` (mode 0600) and returned, for the caller to show once.
+    Race-free: of processes starting at once on one database exactly one stores a key; the others find it there
+    (the same supplied key given to all is accepted by all).
     """
     if await store.count() > 0:
         return None
-    if supplied is not None:
-        await store.create(BOOTSTRAP_KEY_NAME, {Scope.ADMIN}, key=supplied)
+    created = await store.create_first(BOOTSTRAP_KEY_NAME, {Scope.ADMIN}, key=supplied)
+    if created is None or supplied is not None:
         return None
-    created = await store.create(BOOTSTRAP_KEY_NAME, {Scope.ADMIN})
     _write_private_file(key_file, created.key + "\n")
     return created.key
 

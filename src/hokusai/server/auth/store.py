@@ -6,7 +6,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import String, cast, func, or_, select, update
+from sqlalchemy import String, cast, exists, func, insert, literal, or_, select, text, update
 from sqlalchemy.orm import aliased
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -19,7 +19,7 @@ from hokusai.server.auth.keys import (
     is_well_formed,
 )
 from hokusai.server.auth.models import ApiKeyRow
-from hokusai.server.db import Database, utcnow
+from hokusai.server.db import BOOTSTRAP_LOCK_ID, Database, utcnow
 from hokusai.server.errors import Conflict, InvalidRequest, NotFound
 
 # rate_limit_per_hour is an INTEGER column: 32 bits on PostgreSQL. Anything above cannot be stored (and an hour
@@ -119,8 +119,47 @@ class ApiKeyStore:
         if key is not None and not is_well_formed(key):
             raise InvalidRequest("The given key is not a well-formed hk_live_/hk_test_ key (prefix, length, checksum)")
         plaintext = key or generate_api_key(kind)
+        row = self._new_row(name, scopes, plaintext, rate_limit_per_hour, expires_in)
+        async with self._database.session() as session, session.begin():
+            session.add(row)
+        return CreatedApiKey(info=ApiKeyInfo.from_row(row), key=plaintext)
+
+    async def create_first(self, name: str, scopes: set[Scope], key: str | None = None) -> CreatedApiKey | None:
+        """Store a key only if the table has none (the first-start admin key); None when a key exists already.
+
+        Race-free across processes: the emptiness check and the insert are one `INSERT ... SELECT ... WHERE NOT
+        EXISTS` statement. On SQLite a statement runs under the database's write lock; on PostgreSQL the
+        transaction first takes an advisory lock, so a second process waits, then sees the first one's row.
+        """
+        if key is not None and not is_well_formed(key):
+            raise InvalidRequest("The given key is not a well-formed hk_live_/hk_test_ key (prefix, length, checksum)")
+        plaintext = key or generate_api_key("live")
+        row = self._new_row(name, scopes, plaintext, None, None)
+        columns = ["id", "name", "prefix", "key_hash", "scopes", "created_at"]
+        values = [literal(getattr(row, column), type_=getattr(ApiKeyRow, column).type) for column in columns]
+        statement = (
+            insert(ApiKeyRow)
+            .from_select(columns, select(*values).where(~exists(select(ApiKeyRow.id))))
+            .execution_options(preserve_rowcount=True)  # an INSERT's rowcount is only kept when asked for
+        )
+        async with self._database.engine.begin() as connection:
+            if connection.dialect.name == "postgresql":
+                await connection.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": BOOTSTRAP_LOCK_ID})
+            inserted = (await connection.execute(statement)).rowcount
+        if inserted != 1:
+            return None
+        return CreatedApiKey(info=ApiKeyInfo.from_row(row), key=plaintext)
+
+    @staticmethod
+    def _new_row(
+        name: str,
+        scopes: set[Scope],
+        plaintext: str,
+        rate_limit_per_hour: int | None,
+        expires_in: timedelta | None,
+    ) -> ApiKeyRow:
         now = utcnow()
-        row = ApiKeyRow(
+        return ApiKeyRow(
             id="key_" + secrets.token_hex(8),
             name=name.strip(),
             prefix=display_prefix(plaintext),
@@ -130,9 +169,6 @@ class ApiKeyStore:
             created_at=now,
             expires_at=now + expires_in if expires_in else None,
         )
-        async with self._database.session() as session, session.begin():
-            session.add(row)
-        return CreatedApiKey(info=ApiKeyInfo.from_row(row), key=plaintext)
 
     async def find_by_hash(self, key_hash: str) -> ApiKeyInfo | None:
         async with self._database.session() as session:
