@@ -5,6 +5,7 @@ Code receives a `Settings`; nothing else in the server reads `os.environ`.
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 from typing import Literal
 
@@ -73,6 +74,13 @@ class Settings(BaseSettings):
     )
     redis_retry_after: float = Field(
         5.0, gt=0, description="Seconds Redis is skipped after those failures, before one call tries it again"
+    )
+    redis_prefix: str | None = Field(
+        None,
+        min_length=1,
+        max_length=200,
+        description="Start of every key the service writes to Redis; default: hokusai:<12 hex of the database URL>: "
+        "so services on different databases can share one Redis",
     )
 
     mlflow_url: AnyHttpUrl | None = Field(None, description="External MLflow server; unset starts an embedded one")
@@ -188,6 +196,11 @@ class Settings(BaseSettings):
     )
 
     bootstrap_admin_key: SecretStr | None = None
+    migrate_on_start: bool = Field(
+        True,
+        description="Bring the database schema to the latest version at start (under a lock, so several processes "
+        "may start at once); false: refuse to start unless `hokusai db upgrade` was run",
+    )
     auth_cache_ttl: float = Field(5.0, ge=0, description="Seconds a validated key is trusted without a database read")
     health_check_timeout: float = Field(2.0, gt=0)
     health_cache_ttl: float = Field(
@@ -252,6 +265,32 @@ class Settings(BaseSettings):
         if bool(self.mlflow_username) != bool(self.mlflow_password):
             raise ValueError("mlflow_username: MLflow basic auth needs both a username and a password")
         return self
+
+    @model_validator(mode="after")
+    def _production_profile(self) -> Settings:
+        if self.environment != "production":
+            return self
+        missing = []
+        if self.database_kind == "sqlite":
+            missing.append("HOKUSAI_DATABASE_URL (a PostgreSQL URL, not SQLite)")
+        if self.redis_url is None:
+            missing.append("HOKUSAI_REDIS_URL (rate limits, cache and model locks shared by every process)")
+        if self.mlflow_url is None:
+            missing.append("HOKUSAI_MLFLOW_URL (an external MLflow, not the embedded one)")
+        if missing:
+            raise ValueError(f"environment: production needs {'; '.join(missing)}")
+        return self
+
+    @property
+    def redis_key_prefix(self) -> str:
+        """HOKUSAI_REDIS_PREFIX, else one derived from the database (its URL without the password), so two services
+        sharing a Redis share its keys only when they share their database."""
+        if self.redis_prefix is not None:
+            return self.redis_prefix
+        from sqlalchemy.engine import make_url
+
+        url = make_url(self.database_dsn).render_as_string(hide_password=True)  # the password as "***"
+        return f"hokusai:{hashlib.sha256(url.encode()).hexdigest()[:12]}:"
 
     @property
     def embedded_mlflow(self) -> bool:

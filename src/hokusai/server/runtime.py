@@ -25,7 +25,7 @@ from hokusai.server.auth.service import ApiKeyService, ensure_admin_key
 from hokusai.server.auth.store import ApiKeyStore
 from hokusai.server.buildinfo import BuildInfo, read_build_info
 from hokusai.server.config import Settings
-from hokusai.server.db import Database, run_migrations
+from hokusai.server.db import Database, require_migrated, run_migrations
 from hokusai.server.dspy.service import DspyService
 from hokusai.server.health.cache import HealthCache
 from hokusai.server.health.service import HealthSources
@@ -71,6 +71,8 @@ class Runtime:
         settings.home.mkdir(parents=True, exist_ok=True)
         # Made at start, so `POST /models/evaluate` names a directory that exists from the first minute.
         settings.datasets_root.mkdir(parents=True, exist_ok=True)
+        if not settings.migrate_on_start:
+            await anyio.to_thread.run_sync(require_migrated, settings.database_dsn)
         embedded = None
         if settings.embedded_mlflow:
             # First, so its ~4 s start overlaps with our own migrations.
@@ -78,7 +80,8 @@ class Runtime:
             await embedded.start()
         mlflow_url = embedded.url if embedded else str(settings.mlflow_url)
 
-        await anyio.to_thread.run_sync(run_migrations, settings.database_dsn)
+        if settings.migrate_on_start:
+            await anyio.to_thread.run_sync(run_migrations, settings.database_dsn)
         database = Database(settings.async_database_dsn)
         store = ApiKeyStore(database)
         supplied = settings.bootstrap_admin_key.get_secret_value() if settings.bootstrap_admin_key else None
@@ -111,9 +114,10 @@ class Runtime:
         registry = RegistryService(
             mlflow,
             database,
-            RegistryReadCache(settings.registry_cache_ttl, redis, redis_breaker),
+            RegistryReadCache(settings.registry_cache_ttl, redis, redis_breaker, prefix=settings.redis_key_prefix),
             on_registered=analytics.impact.record_version,
-            locks=ModelLocks(redis),  # with Redis, every service process takes turns on a model
+            # With Redis, every service process takes turns on a model.
+            locks=ModelLocks(redis, prefix=settings.redis_key_prefix),
             policy=policy,
         )
         dspy = DspyService(settings, database, analytics.model_files)
@@ -205,7 +209,9 @@ def build_rate_limiter(settings: Settings, redis_breaker: RedisBreaker | None = 
     if settings.redis_url is None:
         return RequestRateLimiter.in_memory(**options)
     breaker = redis_breaker or RedisBreaker(settings.redis_failure_threshold, settings.redis_retry_after)
-    return RequestRateLimiter.on_redis(str(settings.redis_url), settings.redis_timeout, breaker, **options)
+    return RequestRateLimiter.on_redis(
+        str(settings.redis_url), settings.redis_timeout, breaker, prefix=settings.redis_key_prefix, **options
+    )
 
 
 def upstream_authorization(settings: Settings) -> str | None:

@@ -90,14 +90,17 @@ class RequestRateLimiter:
         return cls(MemoryStorage(), **options)
 
     @classmethod
-    def on_redis(cls, redis_url: str, timeout: float, breaker: RedisBreaker, **options) -> RequestRateLimiter:
+    def on_redis(
+        cls, redis_url: str, timeout: float, breaker: RedisBreaker, prefix: str = "hokusai-", **options
+    ) -> RequestRateLimiter:
         """`limits` builds its own Redis client (and pool): it gets the same short timeouts and single retry as
-        the service's, so a stalled Redis costs a request at most two timeouts before the breaker opens."""
+        the service's, so a stalled Redis costs a request at most two timeouts before the breaker opens. Its keys
+        start with `prefix` + "ratelimit" (HOKUSAI_REDIS_PREFIX in the service)."""
         storage = RedisStorage(
             "async+" + redis_url,
             implementation="redispy",
             wrap_exceptions=True,
-            key_prefix="hokusai-ratelimit",
+            key_prefix=f"{prefix}ratelimit",
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
             retry=redis_retry(),

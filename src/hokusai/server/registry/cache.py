@@ -22,13 +22,16 @@ from hokusai.server.redis_breaker import RedisBreaker
 
 logger = logging.getLogger(__name__)
 MAX_LOCAL_ENTRIES = 10_000
-REDIS_PREFIX = "hokusai:registry-cache"
+REDIS_PREFIX = "hokusai:"  # the service passes HOKUSAI_REDIS_PREFIX (Settings.redis_key_prefix)
 
 
 class RegistryReadCache:
-    def __init__(self, ttl: float, redis: Redis | None = None, breaker: RedisBreaker | None = None) -> None:
+    def __init__(
+        self, ttl: float, redis: Redis | None = None, breaker: RedisBreaker | None = None, prefix: str = REDIS_PREFIX
+    ) -> None:
         self.ttl = ttl
         self._redis = redis
+        self._prefix = f"{prefix}registry-cache"
         self._breaker = breaker or RedisBreaker(threshold=3, retry_after=5.0)
         self._generation = 0
         self._entries: OrderedDict[str, tuple[float, Any]] = OrderedDict()
@@ -44,7 +47,7 @@ class RegistryReadCache:
         if not self._breaker.allow():
             return -1
         try:
-            generation = int(await self._redis.get(f"{REDIS_PREFIX}:generation") or 0)
+            generation = int(await self._redis.get(f"{self._prefix}:generation") or 0)
         except RedisError as exc:
             self._breaker.record_failure(exc)
             logger.warning("Registry cache unavailable in Redis (%s); reading MLflow directly", exc)
@@ -63,7 +66,7 @@ class RegistryReadCache:
         if not self._breaker.allow():
             return None
         try:
-            raw = await self._redis.get(f"{REDIS_PREFIX}:{generation}:{key}")
+            raw = await self._redis.get(f"{self._prefix}:{generation}:{key}")
         except RedisError as exc:
             self._breaker.record_failure(exc)
             logger.debug("Registry cache read failed: %s", exc)
@@ -85,7 +88,7 @@ class RegistryReadCache:
         if not self._breaker.allow():
             return
         try:
-            await self._redis.set(f"{REDIS_PREFIX}:{generation}:{key}", json.dumps(value), px=int(self.ttl * 1000))
+            await self._redis.set(f"{self._prefix}:{generation}:{key}", json.dumps(value), px=int(self.ttl * 1000))
         except RedisError as exc:  # not cached this time: the next read asks MLflow again
             self._breaker.record_failure(exc)
             logger.debug("Registry cache write failed: %s", exc)
@@ -101,7 +104,7 @@ class RegistryReadCache:
             logger.warning("Redis is skipped: other processes see registry cache entries expire in %gs", self.ttl)
             return
         try:
-            await self._redis.incr(f"{REDIS_PREFIX}:generation")
+            await self._redis.incr(f"{self._prefix}:generation")
         except RedisError as exc:
             self._breaker.record_failure(exc)
             logger.warning("Could not invalidate the shared registry cache (%s); entries expire in %gs", exc, self.ttl)

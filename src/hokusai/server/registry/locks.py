@@ -21,7 +21,7 @@ from hokusai.server.errors import Conflict
 
 logger = logging.getLogger(__name__)
 
-LOCK_PREFIX = "hokusai:model-lock:"
+REDIS_PREFIX = "hokusai:"  # the service passes HOKUSAI_REDIS_PREFIX (Settings.redis_key_prefix)
 # A holder that dies keeps the Redis lock at most this long; a change is a handful of MLflow calls.
 LOCK_TTL_SECONDS = 60.0
 # How long a change waits for its turn before it is answered 409 (it then changed nothing).
@@ -34,8 +34,15 @@ class ModelBusy(Conflict):
 
 
 class ModelLocks:
-    def __init__(self, redis: Redis | None = None, ttl: float = LOCK_TTL_SECONDS, wait: float = WAIT_SECONDS) -> None:
+    def __init__(
+        self,
+        redis: Redis | None = None,
+        ttl: float = LOCK_TTL_SECONDS,
+        wait: float = WAIT_SECONDS,
+        prefix: str = REDIS_PREFIX,
+    ) -> None:
         self._redis = redis
+        self._key_prefix = f"{prefix}model-lock:"
         self._ttl = ttl
         self._wait = wait
         # name -> (lock, users): an entry lives while someone holds or waits for it, so the map stays bounded.
@@ -71,7 +78,7 @@ class ModelLocks:
         if self._redis is None:
             yield
             return
-        key = LOCK_PREFIX + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
+        key = self._key_prefix + hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()
         lock = self._redis.lock(key, timeout=self._ttl, blocking_timeout=self._wait, sleep=0.02)
         try:
             acquired = await lock.acquire()
