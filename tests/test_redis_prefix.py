@@ -24,6 +24,14 @@ def unique_prefix() -> str:
     return f"test-{secrets.token_hex(4)}:"
 
 
+async def delete_prefixed(client: Redis, *prefixes: str) -> None:
+    """Remove what a test wrote under its prefixes (db 15 is shared by the suite)."""
+    for prefix in prefixes:
+        keys = [key async for key in client.scan_iter(f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+
+
 @pytest.mark.anyio
 async def test_caches_with_different_prefixes_do_not_see_each_other(redis_url):
     client = Redis.from_url(redis_url)
@@ -40,10 +48,7 @@ async def test_caches_with_different_prefixes_do_not_see_each_other(redis_url):
         assert [key async for key in client.scan_iter(f"{one}*")]
         assert [key async for key in client.scan_iter(f"{two}*")] == [f"{two}registry-cache:generation".encode()]
     finally:
-        for prefix in (one, two):
-            keys = [key async for key in client.scan_iter(f"{prefix}*")]
-            if keys:
-                await client.delete(*keys)
+        await delete_prefixed(client, one, two)
         await client.aclose()
 
 
@@ -67,10 +72,7 @@ async def test_rate_limit_counts_are_kept_per_prefix(redis_url):
         assert written and all(key.startswith((one, two)) for key in written), written
         assert any(key.startswith(one) for key in written) and any(key.startswith(two) for key in written)
     finally:
-        for prefix in (one, two):
-            keys = [key async for key in client.scan_iter(f"{prefix}*")]
-            if keys:
-                await client.delete(*keys)
+        await delete_prefixed(client, one, two)
         await client.aclose()
 
 
