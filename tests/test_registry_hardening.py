@@ -304,8 +304,11 @@ def test_racing_writes_to_one_model_never_leak_sql(service, keys, reader, mlflow
 @pytest.mark.redis
 def test_transitions_take_turns_across_service_processes_with_redis(start_service, mlflow_server, redis_url):
     """Two service processes on one Redis: the lock is Redis's, so requests to either process serialize."""
-    first = start_service(process=True, mlflow_url=mlflow_server.url, redis_url=redis_url)
-    second = start_service(process=True, mlflow_url=mlflow_server.url, redis_url=redis_url)
+    # One deployment: the same Redis prefix (by default it derives from the database, and each test service has a
+    # SQLite database of its own).
+    shared = {"mlflow_url": mlflow_server.url, "redis_url": redis_url, "redis_prefix": f"hk-{secrets.token_hex(4)}:"}
+    first = start_service(process=True, **shared)
+    second = start_service(process=True, **shared)
     name = f"hardening-redis-{secrets.token_hex(3)}"
     mlflow_model(mlflow_server.url, name, 10)
 
