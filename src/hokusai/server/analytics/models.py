@@ -54,6 +54,7 @@ class EvaluationRow(Base):
     """An evaluation of a version on a dataset: queued, running, then succeeded (with its result) or failed."""
 
     __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_status_lease", "status", "lease_expires_at"),)
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     model_name: Mapped[str] = mapped_column(String(256))
@@ -64,3 +65,11 @@ class EvaluationRow(Base):
     error: Mapped[str | None] = mapped_column(String(2000), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # Who runs it (a process's owner id), when that process last said it still does, and until when the claim holds:
+    # a starting process reclaims only evaluations whose lease has expired, never another live process's work.
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    heartbeat_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    lease_expires_at: Mapped[datetime | None] = mapped_column(UtcDateTime, nullable=True)
+    # What was asked (so a process that reclaims an abandoned evaluation can run it again) and how many runs began.
+    request: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
