@@ -6,6 +6,7 @@ Code receives a `Settings`; nothing else in the server reads `os.environ`.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -61,6 +62,23 @@ class Settings(BaseSettings):
         ge=1,
         description="Open connections plus running requests beyond which new requests get 503; unset: no bound",
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="API worker processes of `hokusai serve`, each with its own model worker pool, caches and, "
+        "without Redis, its own rate limit counts",
+    )
+    proxy_headers: bool = Field(
+        False,
+        description="Take the client address (rate limits, failed-authentication lockout, logs) and scheme from "
+        "X-Forwarded-For/-Proto, when the connection comes from an address in forwarded_allow_ips",
+    )
+    forwarded_allow_ips: str = Field(
+        "127.0.0.1",
+        description="Comma-separated addresses or networks of the proxies trusted for X-Forwarded-* (with "
+        "proxy_headers), or * for any",
+    )
 
     database_url: str | None = Field(
         None, description="sqlite:/// or postgresql+psycopg:// URL; default: SQLite in HOME"
@@ -92,6 +110,11 @@ class Settings(BaseSettings):
     mlflow_keepalive: bool | None = Field(
         None, description="Reuse upstream connections; unset: yes for the embedded MLflow, no for an external one"
     )
+    embedded_mlflow_url: str | None = Field(
+        None,
+        description="Set by `hokusai serve --workers N` for its API workers, not by users: the embedded MLflow that "
+        "the serve process started and supervises, which the workers use instead of starting their own",
+    )
 
     breaker_failure_threshold: int = Field(5, ge=1, description="Consecutive MLflow failures that open the breaker")
     breaker_recovery_timeout: float = Field(10.0, gt=0, description="Seconds open before the first probe")
@@ -122,6 +145,17 @@ class Settings(BaseSettings):
         ge=0,
         description="Seconds list/get answers are cached; how late a write made straight to MLflow shows",
     )
+    cache_single_flight: bool = Field(
+        True,
+        description="When a cached list/get answer is missing or expired, one request per key asks MLflow and the "
+        "others wait for its answer (with Redis: one per key across every process); false: each asks MLflow",
+    )
+    idempotency_pending_seconds: float = Field(
+        300.0,
+        gt=0,
+        description="Seconds a request with an Idempotency-Key holds the key unanswered (409 to retries) before a "
+        "retry may take it over, as left by a process that died; longer than any registration takes",
+    )
 
     datasets_dir: Path | None = Field(
         None, description="Files POST /models/evaluate may read (CSV, Parquet, JSON lines); default HOME/datasets"
@@ -130,6 +164,12 @@ class Settings(BaseSettings):
         5_000_000, ge=0, description="Datasets up to this size are evaluated in the request; larger ones answer 202"
     )
     evaluation_experiment: str = Field("hokusai-evaluations", min_length=1, description="Where evaluation runs go")
+    evaluation_lease_seconds: float = Field(
+        60.0,
+        gt=0,
+        description="Seconds a process's claim on a queued or running evaluation lasts without renewal (renewed every "
+        "third of it); after that, another process runs the evaluation again or marks it failed",
+    )
     model_cache_max_bytes: int = Field(
         5_000_000_000, ge=0, description="Disk kept for fetched model files (HOME/model-cache); least recently used go"
     )
@@ -247,6 +287,24 @@ class Settings(BaseSettings):
     def _limit_notation(cls, value: str) -> str:
         parse_limit(value)
         return value
+
+    @field_validator("forwarded_allow_ips")
+    @classmethod
+    def _trusted_proxies(cls, value: str) -> str:
+        """As uvicorn reads it, but refused here when malformed: uvicorn would take a typo for a literal host name
+        that never matches, and the proxy's X-Forwarded-For would be ignored without a word."""
+        entries = [entry.strip() for entry in value.split(",")]
+        if entries == ["*"]:
+            return "*"
+        for entry in entries:
+            parse = ipaddress.ip_network if "/" in entry else ipaddress.ip_address
+            try:
+                parse(entry)
+            except ValueError:
+                raise ValueError(
+                    f"{entry!r} is not an IP address or network (a.b.c.d, a.b.c.0/24); use * alone to trust any"
+                ) from None
+        return ",".join(entries)
 
     @field_validator("rate_limit_routes")
     @classmethod

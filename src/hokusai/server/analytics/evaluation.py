@@ -7,11 +7,16 @@ only the scoring of the returned arrays runs here.
 Datasets are files under HOKUSAI_DATASETS_DIR (CSV, Parquet, JSON lines) or MLflow artifact URIs; nothing else is
 read. Up to `sync_max_bytes` the evaluation runs within the request; beyond, the request answers 202 with an id and
 the evaluation runs in the background.
+
+Each evaluation is leased to the process running it (leases.py): a heartbeat renews the leases of this process's
+evaluations and takes over those of processes that died, so work is resumed by a surviving process, and a process
+that starts never touches what another live process is running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -25,8 +30,9 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 import anyio
-from sqlalchemy import select, update
+from sqlalchemy import insert, select
 
+from hokusai.server.analytics.leases import INTERRUPTED, EvaluationLeases
 from hokusai.server.analytics.models import EvaluationRow
 from hokusai.server.analytics.predictions import model_source
 from hokusai.server.analytics.schemas import EvaluateRequest, Evaluation
@@ -38,6 +44,7 @@ from hokusai.server.analytics.versions import (
 )
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
+from hokusai.server.instance import instance_id
 from hokusai.server.mlflow.registry_client import ModelVersion
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.models.files import ModelFiles
@@ -50,7 +57,7 @@ from hokusai.server.timestamps import iso
 logger = logging.getLogger(__name__)
 DATASET_SUFFIXES = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 PROBABILITY_METRICS = {"roc_auc", "log_loss"}
-INTERRUPTED = "Interrupted: the service stopped before the evaluation finished"
+RUNNING_AT_ONCE = 2  # each holds a dataset and a model in memory
 
 
 class EvaluationNotFound(NotFound):
@@ -183,6 +190,8 @@ class EvaluationService:
         pool: ModelWorkerPool,
         datasets_root: Path,
         sync_max_bytes: int,
+        lease_seconds: float = 60.0,
+        owner: str | None = None,
     ) -> None:
         self._upstream = upstream
         self._mlflow = reader.mlflow
@@ -192,23 +201,85 @@ class EvaluationService:
         self._pool = pool
         self._datasets_root = datasets_root
         self._sync_max_bytes = sync_max_bytes
-        self._background: set[asyncio.Task] = set()
-        self._running = asyncio.Semaphore(2)  # each holds a dataset and a model in memory
+        self._leases = EvaluationLeases(database, owner or instance_id(), lease_seconds)
+        self._in_flight: set[str] = set()  # this process's evaluations not yet finished: the leases it renews
+        self._background: dict[str, asyncio.Task] = {}
+        self._running = asyncio.Semaphore(RUNNING_AT_ONCE)
+        self._heartbeat: asyncio.Task | None = None
+        self._wake = asyncio.Event()  # an evaluation finished: room to resume an abandoned one
+        self._closing = False
 
     async def start(self) -> None:
-        """Evaluations a previous process left unfinished will never finish: say so."""
-        async with self._database.session() as session, session.begin():
-            await session.execute(
-                update(EvaluationRow)
-                .where(EvaluationRow.status.in_(["queued", "running"]))
-                .values(status="failed", error=INTERRUPTED, finished_at=utcnow())
-            )
+        """Take over what dead processes left (expired leases; never a live process's work), then keep this
+        process's leases alive and keep looking."""
+        await self._reclaim()
+        self._heartbeat = asyncio.create_task(self._beat(), name="evaluation-heartbeat")
 
     async def aclose(self) -> None:
-        for task in list(self._background):
+        """Stop the heartbeat, then cancel the background evaluations: each is released (queued, no lease), so another
+        process, or this one's successor, runs it again at once."""
+        self._closing = True
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
+        background = dict(self._background)
+        for task in background.values():
             task.cancel()
-        if self._background:
-            await asyncio.gather(*self._background, return_exceptions=True)
+        if background:
+            await asyncio.gather(*background.values(), return_exceptions=True)
+        # A task cancelled before its first step never ran its own release (the heartbeat's last claim, a 202 of
+        # the last instant): still in flight, so released here.
+        for evaluation_id in set(background) & self._in_flight:
+            self._in_flight.discard(evaluation_id)
+            try:
+                await self._leases.release(evaluation_id)
+            except Exception:  # the database is away: the lease runs out instead, and another process takes it
+                logger.exception("Evaluation %s could not be released", evaluation_id)
+
+    async def _beat(self) -> None:
+        interval = self._leases.lease_seconds / 3
+        while True:
+            with contextlib.suppress(TimeoutError):  # a beat is due, or an evaluation finished and left room
+                await asyncio.wait_for(self._wake.wait(), interval)
+            self._wake.clear()
+            try:
+                await self._renew()
+                await self._reclaim()
+            except Exception:  # the database is away: the loop must outlive it, or every lease here expires
+                logger.exception("Evaluation heartbeat failed; trying again in %.3g s", interval)
+
+    async def _renew(self) -> None:
+        for evaluation_id in await self._leases.renew(set(self._in_flight)):
+            # This process stalled for longer than a lease and another one runs it now: stop doing the same work.
+            logger.warning("Evaluation %s was taken over by another process; stopping it here", evaluation_id)
+            task = self._background.get(evaluation_id)
+            if task is not None:
+                task.cancel()
+
+    async def _reclaim(self) -> None:
+        room = RUNNING_AT_ONCE - len(self._in_flight)
+        for claimed in await self._leases.claim_abandoned(room, exclude=set(self._in_flight)):
+            if claimed.request is None:
+                logger.warning("Evaluation %s was abandoned by its process: %s", claimed.evaluation_id, claimed.error)
+            else:  # even while closing: aclose releases what the heartbeat's last claim spawned
+                logger.info(
+                    "Evaluation %s was abandoned by its process; running it again (attempt %d)",
+                    claimed.evaluation_id,
+                    claimed.attempts,
+                )
+                self._spawn(claimed.evaluation_id, claimed.request)
+
+    def _spawn(
+        self,
+        evaluation_id: str,
+        request: EvaluateRequest,
+        version: ModelVersion | None = None,
+        dataset: DatasetLocation | None = None,
+    ) -> None:
+        self._in_flight.add(evaluation_id)
+        task = asyncio.create_task(self._run(evaluation_id, request, version, dataset, background=True))
+        self._background[evaluation_id] = task
+        task.add_done_callback(lambda _: self._background.pop(evaluation_id, None))
 
     async def evaluate(self, request: EvaluateRequest) -> Evaluation:
         """Checked at once (version, dataset); then run here, or queued when the dataset is large."""
@@ -216,23 +287,28 @@ class EvaluationService:
         dataset = await self._locate(request.dataset_path)
         evaluation_id = "ev_" + secrets.token_hex(12)
         background = dataset.size > self._sync_max_bytes
-        async with self._database.session() as session, session.begin():
-            session.add(
-                EvaluationRow(
-                    id=evaluation_id,
-                    model_name=found.name,
-                    version=found.version,
-                    dataset_path=request.dataset_path,
-                    status="queued" if background else "running",
-                    created_at=utcnow(),
-                )
-            )
+        row = {
+            "id": evaluation_id,
+            "model_name": found.name,
+            "version": found.version,
+            "dataset_path": request.dataset_path,
+            "status": "queued" if background else "running",
+            "created_at": utcnow(),
+            "attempts": 1,
+            **self._leases.lease(),
+        }
         if background:
-            task = asyncio.create_task(self._run(evaluation_id, found, dataset, request))
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+            # Stored so that a process taking over from a dead one can run it again. An evaluation answered within
+            # its request is not: its caller saw the request fail and has no id to poll, so running it again
+            # would only add an MLflow run nobody asked for.
+            row["request"] = request.model_dump(mode="json")
+        async with self._database.session() as session, session.begin():
+            await session.execute(insert(EvaluationRow).values(**row))
+        if background:
+            self._spawn(evaluation_id, request, found, dataset)
         else:
-            await self._run(evaluation_id, found, dataset, request, reraise=True)
+            self._in_flight.add(evaluation_id)
+            await self._run(evaluation_id, request, found, dataset, reraise=True)
         return await self.get(evaluation_id)
 
     async def get(self, evaluation_id: str) -> Evaluation:
@@ -288,17 +364,20 @@ class EvaluationService:
     async def _run(
         self,
         evaluation_id: str,
-        version: ModelVersion,
-        dataset: DatasetLocation,
         request: EvaluateRequest,
+        version: ModelVersion | None,
+        dataset: DatasetLocation | None,
         reraise: bool = False,
+        background: bool = False,
     ) -> None:
+        """Run one evaluation this process owns (its version and dataset looked up again when it is resumed) and
+        record the outcome; every write is refused once another process has taken the evaluation over."""
         try:
-            async with self._running:
-                await self._set(evaluation_id, status="running")
-                result = await self._measure(version, dataset, request)
+            result = await self._attempt(evaluation_id, request, version, dataset)
+            if result is not None:
+                await self._set(evaluation_id, status="succeeded", result=result, finished_at=utcnow())
         except asyncio.CancelledError:
-            await asyncio.shield(self._set(evaluation_id, status="failed", error=INTERRUPTED, finished_at=utcnow()))
+            await asyncio.shield(self._interrupted(evaluation_id, background))
             raise
         except HokusaiError as exc:
             await self._set(evaluation_id, status="failed", error=exc.detail[:2000], finished_at=utcnow())
@@ -311,11 +390,35 @@ class EvaluationService:
             if reraise:
                 raise
             return
-        await self._set(evaluation_id, status="succeeded", result=result, finished_at=utcnow())
+        finally:
+            self._in_flight.discard(evaluation_id)
+            self._wake.set()
 
-    async def _set(self, evaluation_id: str, **values: Any) -> None:
-        async with self._database.session() as session, session.begin():
-            await session.execute(update(EvaluationRow).where(EvaluationRow.id == evaluation_id).values(**values))
+    async def _attempt(
+        self,
+        evaluation_id: str,
+        request: EvaluateRequest,
+        version: ModelVersion | None,
+        dataset: DatasetLocation | None,
+    ) -> dict | None:
+        """The result, or None when another process took the evaluation over before it started here."""
+        if version is None:
+            version = await self._reader.version(request.model_name, request.model_version)
+        if dataset is None:
+            dataset = await self._locate(request.dataset_path)
+        async with self._running:
+            if not await self._set(evaluation_id, status="running"):
+                return None
+            return await self._measure(version, dataset, request)
+
+    async def _interrupted(self, evaluation_id: str, background: bool) -> None:
+        if self._closing and background:
+            await self._leases.release(evaluation_id)
+        else:  # a request-bound evaluation whose caller went away, or one another process has taken over
+            await self._set(evaluation_id, status="failed", error=INTERRUPTED, finished_at=utcnow())
+
+    async def _set(self, evaluation_id: str, **values: Any) -> bool:
+        return await self._leases.write(evaluation_id, **values)
 
     async def _measure(self, version: ModelVersion, dataset: DatasetLocation, request: EvaluateRequest) -> dict:
         started = time.perf_counter()

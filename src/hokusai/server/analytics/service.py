@@ -54,7 +54,14 @@ class ModelAnalytics:
         return cls(
             comparisons=ComparisonService(reader, direction, settings.compare_tolerance),
             evaluations=EvaluationService(
-                upstream, database, reader, files, workers, settings.datasets_root, settings.evaluation_sync_max_bytes
+                upstream,
+                database,
+                reader,
+                files,
+                workers,
+                settings.datasets_root,
+                settings.evaluation_sync_max_bytes,
+                lease_seconds=settings.evaluation_lease_seconds,
             ),
             performance=PerformanceService(reader, prediction_store, settings.production_metrics_window),
             predictions=PredictionService(files, workers, prediction_store, settings.prediction_max_rows),
