@@ -1,4 +1,4 @@
-"""A toy OpenAI-compatible chat-completions server on loopback: try DSPy programs without a paid model.
+"""A toy OpenAI-compatible chat-completions server (on loopback by default): try DSPy programs without a paid model.
 
 A toy, never used by the service itself: it understands nothing. It answers in DSPy's ChatAdapter format: the
 output fields the prompt asks for (`[[ ## name ## ]]` markers in the
@@ -8,7 +8,7 @@ The model name chooses the behaviour, so one server serves every case at once:
   - `slow-<ms>`: answer after that many milliseconds;
   - `error`: HTTP 500; `garbage`: a body that is not JSON; `unformatted`: text without the field markers.
 
-    python -m hokusai.devtools.echo_lm [--port 8765]
+    python -m hokusai.devtools.echo_lm [--port 8765] [--host 0.0.0.0, in a container others call]
     HOKUSAI_DSPY_LM=openai/echo HOKUSAI_DSPY_API_BASE=http://127.0.0.1:8765/v1 hokusai serve
 
 The DSPy tests and benchmark use it too (tests/fake_lm.py).
@@ -57,7 +57,7 @@ class _Server(http.server.ThreadingHTTPServer):
 
 
 class EchoLanguageModel:
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, host: str = "127.0.0.1") -> None:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -112,7 +112,7 @@ class EchoLanguageModel:
                 pass
 
         self.requests = 0
-        self.server = _Server(("127.0.0.1", port), Handler)
+        self.server = _Server((host, port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
@@ -131,10 +131,15 @@ DEFAULT_PORT = 8765
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="A toy OpenAI-compatible LM for trying DSPy programs (loopback only).")
+    parser = argparse.ArgumentParser(description="A toy OpenAI-compatible LM for trying DSPy programs.")
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="Interface to listen on (default 127.0.0.1; 0.0.0.0 in a container, e.g. deploy/compose.yaml's `lm`)",
+    )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"0 picks a free port (default {DEFAULT_PORT})")
     arguments = parser.parse_args(argv)
-    server = EchoLanguageModel(arguments.port)
+    server = EchoLanguageModel(arguments.port, arguments.host)
     print(f"echo LM at {server.base_url} (a toy: it echoes, it does not think)", flush=True)
     print(f"  HOKUSAI_DSPY_LM=openai/echo HOKUSAI_DSPY_API_BASE={server.base_url} hokusai serve", flush=True)
     try:
