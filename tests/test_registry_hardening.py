@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import hashlib
 import json
 import secrets
 from urllib.parse import quote
@@ -356,6 +357,35 @@ async def test_model_locks_on_one_redis_exclude_each_other_across_instances(redi
         async with locks[0].hold(name), locks[1].hold(name + "-other"):
             pass  # different models do not wait on each other
         assert locks[0]._local == {} and locks[1]._local == {}  # nothing kept per name once released
+    finally:
+        for client in clients:
+            await client.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_model_lock_outlives_its_ttl_while_held_and_frees_soon_after_its_holder_dies(redis_url):
+    """A live holder renews the Redis lock (a slow change keeps its turn); a killed one stops renewing, so the model
+    is free again within one TTL instead of being stuck for a minute."""
+    from redis.asyncio import Redis
+
+    from hokusai.server.registry.locks import ModelBusy, ModelLocks
+
+    clients = [Redis.from_url(redis_url), Redis.from_url(redis_url)]
+    holder, other = ModelLocks(clients[0], ttl=0.3, wait=0.1), ModelLocks(clients[1], ttl=0.3, wait=0.1)
+    name = f"lock-{secrets.token_hex(3)}"
+    try:
+        async with holder.hold(name):
+            await asyncio.sleep(1.0)  # more than three TTLs
+            with pytest.raises(ModelBusy):
+                async with other.hold(name):
+                    pass
+        # A holder killed mid-change: its lock is taken and never renewed nor released.
+        dead = clients[0].lock(holder._key_prefix + hashlib.sha256(name.encode()).hexdigest(), timeout=0.3)
+        assert await dead.acquire(blocking=False)
+        waiting = ModelLocks(clients[1], ttl=0.3, wait=5.0)
+        async with waiting.hold(name):  # answered once the dead holder's TTL ran out, not after `wait`
+            pass
     finally:
         for client in clients:
             await client.aclose()

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from redis.asyncio import Redis
+from redis.asyncio.lock import Lock
 from redis.exceptions import RedisError
 
 from hokusai.server.errors import Conflict
@@ -22,8 +23,9 @@ from hokusai.server.errors import Conflict
 logger = logging.getLogger(__name__)
 
 REDIS_PREFIX = "hokusai:"  # the service passes HOKUSAI_REDIS_PREFIX (Settings.redis_key_prefix)
-# A holder that dies keeps the Redis lock at most this long; a change is a handful of MLflow calls.
-LOCK_TTL_SECONDS = 60.0
+# A holder that dies (kill -9) keeps the Redis lock at most this long; a live holder renews it every third of it, so a
+# change that takes longer (a slow MLflow) keeps its turn.
+LOCK_TTL_SECONDS = 10.0
 # How long a change waits for its turn before it is answered 409 (it then changed nothing).
 WAIT_SECONDS = 30.0
 
@@ -88,10 +90,23 @@ class ModelLocks:
             return
         if not acquired:
             raise ModelBusy(name)
+        renewal = asyncio.create_task(self._renew(lock, name))
         try:
             yield
         finally:
+            renewal.cancel()
+            await asyncio.gather(renewal, return_exceptions=True)
             try:
                 await lock.release()
             except RedisError as exc:  # expired meanwhile, or Redis went away: the TTL frees it
                 logger.warning("Model lock not released in Redis: %s", exc)
+
+    async def _renew(self, lock: Lock, name: str) -> None:
+        """Keep the lock's TTL full while the change runs (a change outliving the TTL must not lose its turn)."""
+        while True:
+            await asyncio.sleep(self._ttl / 3)
+            try:
+                await lock.reacquire()
+            except RedisError as exc:  # Redis away, or the lock expired meanwhile: nothing more to keep
+                logger.warning("Model lock of %r not renewed in Redis: %s", name, exc)
+                return
