@@ -328,6 +328,19 @@ class RegistryClient:
             if not page_token:
                 return
 
+    async def version_tagged(self, name: str, key: str, value: str) -> ModelVersion | None:
+        """The oldest version of the model carrying the tag `key` = `value`, or None.
+
+        model-versions/search filters on `tags.<key>` in MLflow's SQL store; a name no literal can hold is read
+        version by version instead."""
+        literal = filter_literal(name)
+        if literal is None:
+            found = [v async for v in self.every_version(name) if v.tags.get(key) == value]
+        else:
+            page = await self.search_versions(f"name = {literal} AND tags.`{key}` = {quoted(value)}")
+            found = list(page.versions)
+        return min(found, key=lambda v: int(v.version), default=None)
+
     async def get_version(self, name: str, version: str) -> ModelVersion:
         number = version_number(name, version)
         found = await self.call(
@@ -462,6 +475,20 @@ class RegistryClient:
     async def _one(self, name: str) -> list[RegisteredModel]:
         model = await self.find_registered_model(name)
         return [model] if model is not None else []
+
+    async def every_registered_model(self) -> AsyncIterator[RegisteredModel]:
+        """Every registered model (with its tags), read 1,000 a page."""
+        page_token = None
+        while True:
+            params = {"max_results": str(PAGE_SIZE_LIMIT)}
+            if page_token:
+                params["page_token"] = page_token
+            page = await self.call("GET", "/registered-models/search", params=params)
+            for raw in page.get("registered_models", []):
+                yield RegisteredModel.from_json(raw)
+            page_token = page.get("next_page_token")
+            if not page_token:
+                return
 
     async def create_registered_model(self, name: str) -> None:
         """Create the model; one that exists already is left as it is."""

@@ -40,7 +40,15 @@ from hokusai.server.registry.download import (
 from hokusai.server.registry.inputs import MAX_SOURCE_LENGTH, holdable_name, name_problem, page_token_problem
 from hokusai.server.registry.locks import ModelLocks
 from hokusai.server.registry.models import StageTransitionRow
-from hokusai.server.registry.registration import IdempotencyStore, resolve_source, stable_model_id, version_tags
+from hokusai.server.registry.registration import (
+    DEFAULT_PENDING_SECONDS,
+    REQUEST_TAG,
+    IdempotencyStore,
+    Reservation,
+    resolve_source,
+    stable_model_id,
+    version_tags,
+)
 from hokusai.server.registry.schemas import (
     RESERVED_MODEL_NAMES,
     BatchOperation,
@@ -102,17 +110,19 @@ class RegistryService:
         on_registered: Callable[[str, str], Awaitable[object]] | None = None,
         locks: ModelLocks | None = None,
         policy: Policy | None = None,
+        idempotency_pending_seconds: float = DEFAULT_PENDING_SECONDS,
     ) -> None:
         """`on_registered(name, version)` runs after each registration that names contributors (their records);
         `locks` serialize the changes to one model (in process unless given ones backed by Redis); `policy`
-        authorizes each operation of a batch. Every write takes its `actor`, the caller who asked for it."""
+        authorizes each operation of a batch; an Idempotency-Key still pending after `idempotency_pending_seconds`
+        may be taken over by a retry. Every write takes its `actor`, the caller who asked for it."""
         self._policy = policy or Policy()
         self._upstream = upstream
         self._locks = locks or ModelLocks()
         self._on_registered = on_registered
         self._mlflow = RegistryClient.over(upstream)
         self._database = database
-        self._idempotency = IdempotencyStore(database)
+        self._idempotency = IdempotencyStore(database, idempotency_pending_seconds)
         self.cache = cache
 
     async def _cached(
@@ -122,14 +132,20 @@ class RegistryService:
         fetch: Callable[[], Awaitable[CachedAnswer]],
         fresh: bool = False,
     ) -> CachedAnswer:
-        """An answer from the read cache, or fetched from MLflow and kept (unless a write happened meanwhile)."""
+        """An answer from the read cache, or fetched from MLflow and kept (unless a write happened meanwhile); a miss
+        waits for a fetch of the same key already under way (`RegistryReadCache.fill`). `fresh`: always fetched."""
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-        generation = await self.cache.generation()
-        if not fresh and (cached := await self.cache.get(key, generation)) is not None:
-            return model.model_validate(cached)
-        answer = await fetch()
-        await self.cache.put(key, generation, answer.model_dump())
-        return answer
+        if fresh or not self.cache.enabled:
+            generation = await self.cache.generation()
+            answer = await fetch()
+            await self.cache.put(key, generation, answer.model_dump())
+            return answer
+
+        async def fetch_value() -> Any:
+            return (await fetch()).model_dump()
+
+        # Validated by each caller: those sharing one fetch get answers of their own.
+        return model.model_validate(await self.cache.fill(key, fetch_value))
 
     async def list_versions(self, name: str | None, max_results: int, page_token: str | None) -> ModelList:
         if page_token and (problem := page_token_problem(page_token)) is not None:
@@ -321,19 +337,19 @@ class RegistryService:
             async with self._writing():
                 return await self._register(request)
         fingerprint = self._idempotency.fingerprint(request.model_dump())
-        first = await self._idempotency.reserve(key_id, idempotency_key, fingerprint)
-        if first is not None:
-            return RegisterResponse(**first)
+        reservation = await self._idempotency.reserve(key_id, idempotency_key, fingerprint)
+        if not isinstance(reservation, Reservation):
+            return RegisterResponse(**reservation)  # the first answer
         try:
             async with self._writing():
-                answer = await self._register(request)
+                answer = await self._register(request, reservation)
         except BaseException:
-            await self._idempotency.release(key_id, idempotency_key)
+            await self._idempotency.release(reservation)
             raise
-        await self._idempotency.complete(key_id, idempotency_key, answer.model_dump())
+        await self._idempotency.complete(reservation, answer.model_dump())
         return answer
 
-    async def _register(self, request: RegisterRequest) -> RegisterResponse:
+    async def _register(self, request: RegisterRequest, reservation: Reservation | None = None) -> RegisterResponse:
         metadata = normalized_contributor_metadata(request.metadata)  # a bad address is a 400 before any change
         resolved = await resolve_source(self._mlflow, request.model_data)
         name = request.model_name or resolved.name
@@ -347,13 +363,18 @@ class RegistryService:
             raise Unprocessable(f"The model's location is longer than MLflow keeps ({MAX_SOURCE_LENGTH} characters)")
         await self._mlflow.create_registered_model(name)
         model_id = await stable_model_id(self._database, self._mlflow, name)
-        created = await self._mlflow.create_version(
-            name,
-            resolved.source,
-            version_tags(request.model_type, metadata, model_id),
-            run_id=resolved.run_id,
-            model_id=resolved.model_id,
-        )
+        created = None
+        if reservation is not None and reservation.taken_over:
+            # The abandoned attempt may have made the version before it died: answer with that one, not a second.
+            created = await self._mlflow.version_tagged(name, REQUEST_TAG, reservation.tag)
+        if created is None:
+            created = await self._mlflow.create_version(
+                name,
+                resolved.source,
+                version_tags(request.model_type, metadata, model_id, reservation.tag if reservation else None),
+                run_id=resolved.run_id,
+                model_id=resolved.model_id,
+            )
         if self._on_registered is not None and contributor_shares(metadata):
             try:
                 await self._on_registered(name, created.version)
