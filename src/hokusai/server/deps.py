@@ -17,6 +17,7 @@ from hokusai.server.auth.caller import Caller as CallerRecord
 from hokusai.server.auth.dependencies import current_caller
 from hokusai.server.auth.policy import Policy
 from hokusai.server.auth.service import ApiKeyService
+from hokusai.server.cluster import ClusterBus
 from hokusai.server.config import Settings
 from hokusai.server.dspy.service import DspyService
 from hokusai.server.health.service import HealthSources
@@ -57,6 +58,11 @@ def get_health(request: Request) -> HealthSources:
     return request.app.state.health
 
 
+def get_cluster(request: Request) -> ClusterBus:
+    """Operations that reach every service process (ClusterBus.run)."""
+    return request.app.state.cluster
+
+
 AppSettings = Annotated[Settings, Depends(get_settings)]
 Registry = Annotated[RegistryService, Depends(get_registry)]
 Analytics = Annotated[ModelAnalytics, Depends(get_analytics)]
@@ -65,5 +71,6 @@ ApiKeys = Annotated[ApiKeyService, Depends(get_api_keys)]
 Limiter = Annotated[RequestRateLimiter, Depends(get_limiter)]
 AccessPolicy = Annotated[Policy, Depends(get_policy)]
 Health = Annotated[HealthSources, Depends(get_health)]
+Cluster = Annotated[ClusterBus, Depends(get_cluster)]
 # Identified and throttled; what the caller may do is each route's guard (`auth.dependencies.allow(action)`).
 Caller = Annotated[CallerRecord, Depends(current_caller)]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Query
 
 from hokusai.server.auth.dependencies import allow
-from hokusai.server.deps import Caller, Dspy
+from hokusai.server.deps import Caller, Cluster, Dspy
 from hokusai.server.dspy.schemas import (
     BatchExecuteRequest,
     BatchResult,
+    CacheCleared,
     DspyHealth,
     ExecuteRequest,
     ExecutionRecord,
@@ -79,9 +80,10 @@ async def stats(dspy: Dspy) -> StatsResponse:
     return await dspy.stats()
 
 
-@router.post("/cache/clear", response_model=Message, dependencies=[admin])
-async def clear_cache(caller: Caller, dspy: Dspy) -> Message:
-    return await dspy.clear_cache(caller)
+@router.post("/cache/clear", response_model=CacheCleared, response_model_exclude_none=True, dependencies=[admin])
+async def clear_cache(caller: Caller, dspy: Dspy, cluster: Cluster) -> CacheCleared:
+    """In every service process (through Redis); `processes_reached` says how many."""
+    return await dspy.clear_cache(caller, cluster)
 
 
 @router.get("/health", response_model=DspyHealth)

@@ -163,3 +163,10 @@ class DspyHealth(BaseModel):
 
 class Message(BaseModel):
     message: str
+
+
+class CacheCleared(Message):
+    """Beyond the reference's `message`: how far the clear went (each service process keeps its own caches)."""
+
+    processes_reached: int
+    warning: str | None = None  # present when other processes may exist and were not reached

@@ -43,6 +43,9 @@ class BreakerReset(BaseModel):
     message: str
     timestamp: str
     reset_by: str
+    # Beyond the reference: how far the reset went (each service process has its own breaker).
+    processes_reached: int
+    warning: str | None = None  # present when other processes may exist and were not reached
 
 
 class MlflowHealth(BaseModel):
