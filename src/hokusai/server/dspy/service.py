@@ -1,7 +1,8 @@
 """DspyService: program declarations, executions (single, batch, dry run, debug), their records and statistics.
 
-Knows nothing of HTTP. An execution that ran is always recorded, failed or not; a request refused before running
-(unknown program, inputs that do not fit the signature, no language model) is not an execution.
+Knows nothing of HTTP. An execution that ran is always recorded, failed or not, and its record is committed before
+its answer is returned; a request refused before running (unknown program, inputs that do not fit the signature, no
+language model) is not an execution.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import anyio
 
 from hokusai.server.auth.caller import Caller
 from hokusai.server.auth.keys import Scope
+from hokusai.server.cluster import Applied, ClusterBus, ClusterOperation
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, utcnow
 from hokusai.server.dspy.executor import (
@@ -38,6 +40,7 @@ from hokusai.server.dspy.pickled import PickledProgramsRefused, load_pickled
 from hokusai.server.dspy.schemas import (
     BatchExecuteRequest,
     BatchResult,
+    CacheCleared,
     DspyHealth,
     ExecuteRequest,
     ExecutionRecord,
@@ -174,7 +177,7 @@ class DspyService:
         inputs = check_inputs(program, request.inputs)
         lm = self.models.for_program(program.lm_settings) if request.mode != "dry_run" else None
         result, outcome, error = await self._run(program, lm, inputs, request.mode, self._timeout(request.timeout), key)
-        self.records.add([outcome])
+        await self.records.write([outcome])  # committed before the answer (or RecordNotSaved, 503, instead of it)
         if error is not None:
             error.headers = {**(error.headers or {}), "X-Execution-Id": outcome.execution_id}
             raise error
@@ -201,7 +204,7 @@ class DspyService:
                 return result, outcome
 
         done = await asyncio.gather(*(item(inputs) for inputs in request.inputs_list))
-        self.records.add([outcome for _, outcome in done])
+        await self.records.write([outcome for _, outcome in done])  # one transaction, before the answer
         results = [result for result, _ in done]
         successful = sum(1 for result in results if result.success)
         return BatchResult(
@@ -279,7 +282,6 @@ class DspyService:
 
     async def execution(self, execution_id: str, key: Caller) -> ExecutionRecord:
         """Served to the key that ran it, or to an admin; to anyone else it does not exist."""
-        await self.records.flush()
         row = await self.executions.get(execution_id)
         if row is None or (row.key_id != key.id and Scope.ADMIN not in key.scopes):
             raise ExecutionNotFound(execution_id)
@@ -302,7 +304,6 @@ class DspyService:
         )
 
     async def stats(self) -> StatsResponse:
-        await self.records.flush()
         return StatsResponse(
             statistics=await self.executions.statistics(),
             cache_enabled=self._settings.dspy_cache,
@@ -310,20 +311,32 @@ class DspyService:
             language_model=self.models.default_model,
         )
 
-    async def clear_cache(self, actor: Caller) -> Message:
-        """The built programs and DSPy's in-memory response cache."""
+    async def clear_cache(self, actor: Caller, cluster: ClusterBus | None = None) -> CacheCleared:
+        """The built programs and DSPy's in-memory response cache, in every service process through `cluster` (each
+        process registers its `clear_local_cache` as the handler of DSPY_CACHE_CLEAR); without one, here only."""
+        if cluster is None:
+            applied = Applied(self.clear_local_cache(), processes=1)
+        else:
+            applied = await cluster.run(ClusterOperation.DSPY_CACHE_CLEAR)
+        return CacheCleared(
+            message=f"Cache cleared successfully ({applied.result} built programs here, DSPy's response cache)",
+            processes_reached=applied.processes,
+            warning=applied.warning,
+        )
+
+    def clear_local_cache(self) -> int:
+        """This process's built programs and DSPy's response cache; returns how many programs were dropped."""
         import dspy
 
         programs = self.cache.clear()
         dspy.cache.reset_memory_cache()
-        return Message(message=f"Cache cleared successfully ({programs} built programs, DSPy's response cache)")
+        return programs
 
     async def aclose(self) -> None:
         await self.records.aclose()
         await self.models.aclose()
 
     async def health(self) -> DspyHealth:
-        await self.records.flush()
         overall = (await self.executions.statistics()).model_dump()
         configured = self.models.default_model is not None
         return DspyHealth(
@@ -341,7 +354,8 @@ def _size(value: Any) -> int:
 
 
 def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value, default=str)) if value is not None else None
+    """JSON any database takes: NaN and Infinity (which a client may send and PostgreSQL refuses) become strings."""
+    return json.loads(json.dumps(value, default=str), parse_constant=str) if value is not None else None
 
 
 def _signature_view(text: str) -> SignatureView:
