@@ -78,14 +78,28 @@ def _fail(message: str) -> typer.Exit:
 def serve(
     host: str | None = typer.Option(None, help="Interface to listen on [HOKUSAI_HOST, default 127.0.0.1]"),
     port: int | None = typer.Option(None, help="Port to listen on [HOKUSAI_PORT, default 8001]"),
+    workers: int | None = typer.Option(
+        None, min=1, max=64, help="API worker processes sharing the port [HOKUSAI_WORKERS, default 1]"
+    ),
+    proxy_headers: bool | None = typer.Option(
+        None,
+        "--proxy-headers/--no-proxy-headers",
+        help="Take the client address from X-Forwarded-For when the connection comes from --forwarded-allow-ips "
+        "[HOKUSAI_PROXY_HEADERS, default off]",
+    ),
+    forwarded_allow_ips: str | None = typer.Option(
+        None,
+        help="Comma-separated addresses or networks of the trusted proxies, or '*' for any "
+        "[HOKUSAI_FORWARDED_ALLOW_IPS, default 127.0.0.1]",
+    ),
 ) -> None:
     """Serve the API (and, unless HOKUSAI_MLFLOW_URL is set, an embedded MLflow server)."""
-    settings = _settings(host=host, port=port)
-
-    import uvicorn
+    settings = _settings(
+        host=host, port=port, workers=workers, proxy_headers=proxy_headers, forwarded_allow_ips=forwarded_allow_ips
+    )
 
     from hokusai.server.logs import configure_logging
-    from hokusai.server.serving import uvicorn_config
+    from hokusai.server.serving import serve as serve_until_stopped
 
     if not settings.migrate_on_start:  # refused here in one line rather than as a traceback from the lifespan
         from hokusai.server.config import ConfigurationError
@@ -97,7 +111,9 @@ def serve(
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(2) from None
     configure_logging(settings.log_level)
-    uvicorn.Server(uvicorn_config(settings)).run()
+    status = serve_until_stopped(settings)
+    if status:
+        raise typer.Exit(status)
 
 
 def _with_store(work: Any) -> Any:
@@ -267,6 +283,79 @@ async def _wait_for_mlflow(upstream: Any, timeout: float) -> None:
             if time.monotonic() > deadline:
                 raise
             await asyncio.sleep(0.25)
+
+
+DOCTOR_LINES = {
+    "mismatch": "mismatch  {name}: database {database_id}, MLflow tag {mlflow_tag}",
+    "no_model": "no model  {name}: database {database_id}; no registered model of that name in MLflow",
+    "no_row": "no row    {name}: MLflow tag {mlflow_tag}; the database has no id for it",
+}
+
+
+@app.command()
+def doctor(
+    repair: bool = typer.Option(False, "--repair", help="Set each differing MLflow tag to the database's id"),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object"),
+) -> None:
+    """Check that each model's id in the database matches its registered model's hokusai_model_id tag in MLflow.
+
+    Exits 0 when they agree (or every mismatch was repaired), 1 when mismatches remain, 2 when the database or
+    MLflow cannot be reached. With no HOKUSAI_MLFLOW_URL it starts the embedded MLflow of HOKUSAI_HOME for the
+    duration, as `contributions rebuild` does.
+    """
+    settings = _existing_database_settings()
+    from hokusai.server.db import Database
+    from hokusai.server.errors import ServiceUnavailable
+    from hokusai.server.mlflow.embedded import EmbeddedMlflow
+    from hokusai.server.mlflow.registry_client import RegistryClient
+    from hokusai.server.mlflow.upstream import MlflowUpstream
+    from hokusai.server.registry.registration import check_model_ids
+    from hokusai.server.runtime import build_breaker, upstream_authorization
+
+    async def run() -> Any:
+        embedded = EmbeddedMlflow(settings.home) if settings.embedded_mlflow else None
+        if embedded is not None:
+            await embedded.start()
+        database = Database(settings.async_database_dsn)
+        upstream = MlflowUpstream(
+            embedded.url if embedded else str(settings.mlflow_url),
+            settings.mlflow_timeout,
+            breaker=build_breaker(settings),
+            authorization=upstream_authorization(settings),
+            keepalive=settings.reuse_mlflow_connections,
+        )
+        try:
+            try:
+                # An external MLflow gets a few seconds (it may be restarting); an embedded one, its start.
+                await _wait_for_mlflow(upstream, timeout=120 if embedded else 3)
+            except ServiceUnavailable as exc:
+                where = f"the embedded MLflow did not start (see {embedded.log_path})" if embedded else exc.detail
+                typer.echo(f"error: MLflow is not reachable: {where}", err=True)
+                raise typer.Exit(2) from None
+            return await check_model_ids(database, RegistryClient.over(upstream), repair=repair)
+        finally:
+            await upstream.aclose()
+            await database.dispose()
+            if embedded is not None:
+                await embedded.stop()
+
+    report = _run(run())
+    if as_json:
+        typer.echo(json.dumps({**dataclasses.asdict(report), "unrepaired_mismatches": report.unrepaired_mismatches}))
+    else:
+        for finding in report.findings:
+            shown = {key: "none" if value is None else value for key, value in dataclasses.asdict(finding).items()}
+            line = DOCTOR_LINES[finding.kind].format(**shown)
+            typer.echo(line + (" (repaired)" if finding.repaired else ""))
+        counts = {kind: sum(1 for f in report.findings if f.kind == kind) for kind in DOCTOR_LINES}
+        typer.echo(
+            f"Checked {report.rows} model ids against {report.registered_models} registered models: "
+            f"{counts['mismatch']} mismatched ({counts['mismatch'] - report.unrepaired_mismatches} repaired), "
+            f"{counts['no_model']} without a registered model, {counts['no_row']} tagged without a row"
+        )
+    if report.unrepaired_mismatches:
+        typer.echo("Run `hokusai doctor --repair` to set those tags to the database's ids", err=True)
+        raise typer.Exit(1)
 
 
 @app.command()

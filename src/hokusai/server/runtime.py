@@ -24,6 +24,7 @@ from hokusai.server.auth.policy import Policy
 from hokusai.server.auth.service import ApiKeyService, ensure_admin_key
 from hokusai.server.auth.store import ApiKeyStore
 from hokusai.server.buildinfo import BuildInfo, read_build_info
+from hokusai.server.cluster import ClusterBus, ClusterOperation
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, require_migrated, run_migrations
 from hokusai.server.dspy.service import DspyService
@@ -65,6 +66,7 @@ class Runtime:
     health_cache: HealthCache
     policy: Policy
     gate: Gate
+    cluster: ClusterBus
 
     @classmethod
     async def start(cls, settings: Settings, announce_admin_key: AdminKeyAnnouncer) -> Runtime:
@@ -74,11 +76,12 @@ class Runtime:
         if not settings.migrate_on_start:
             await anyio.to_thread.run_sync(require_migrated, settings.database_dsn)
         embedded = None
-        if settings.embedded_mlflow:
-            # First, so its ~4 s start overlaps with our own migrations.
+        if settings.embedded_mlflow and settings.embedded_mlflow_url is None:
+            # First, so its ~4 s start overlaps with our own migrations. (With several API workers, the serve
+            # process starts the one embedded MLflow and hands its URL to the workers as embedded_mlflow_url.)
             embedded = EmbeddedMlflow(settings.home, settings.mlflow_port)
             await embedded.start()
-        mlflow_url = embedded.url if embedded else str(settings.mlflow_url)
+        mlflow_url = embedded.url if embedded else str(settings.embedded_mlflow_url or settings.mlflow_url)
 
         if settings.migrate_on_start:
             await anyio.to_thread.run_sync(run_migrations, settings.database_dsn)
@@ -114,16 +117,28 @@ class Runtime:
         registry = RegistryService(
             mlflow,
             database,
-            RegistryReadCache(settings.registry_cache_ttl, redis, redis_breaker, prefix=settings.redis_key_prefix),
+            RegistryReadCache(
+                settings.registry_cache_ttl,
+                redis,
+                redis_breaker,
+                prefix=settings.redis_key_prefix,
+                single_flight=settings.cache_single_flight,
+            ),
             on_registered=analytics.impact.record_version,
             # With Redis, every service process takes turns on a model.
             locks=ModelLocks(redis, prefix=settings.redis_key_prefix),
             policy=policy,
+            idempotency_pending_seconds=settings.idempotency_pending_seconds,
         )
         dspy = DspyService(settings, database, analytics.model_files)
         await dspy.start()
         api_keys = ApiKeyService(store, settings.auth_cache_ttl)
         rate_limiter = build_rate_limiter(settings, redis_breaker)
+        # Operations asked of one process that act on every process's memory; each breaker keeps its own state.
+        cluster = ClusterBus(redis, redis_breaker, prefix=settings.redis_key_prefix)
+        cluster.register(ClusterOperation.MLFLOW_BREAKER_RESET, mlflow.breaker.reset)
+        cluster.register(ClusterOperation.DSPY_CACHE_CLEAR, dspy.clear_local_cache)
+        await cluster.start()
         return cls(
             settings=settings,
             database=database,
@@ -141,6 +156,7 @@ class Runtime:
             health_cache=health_cache,
             policy=policy,
             gate=Gate(KeyIdentifier(api_keys, rate_limiter), Throttle(rate_limiter), policy),
+            cluster=cluster,
         )
 
     def provide(self, state: State) -> None:
@@ -154,11 +170,12 @@ class Runtime:
         state.dspy = self.dspy
         state.policy = self.policy
         state.gate = self.gate
+        state.cluster = self.cluster
         state.health = HealthSources(
             settings=self.settings,
             database=self.database,
             mlflow=self.mlflow,
-            embedded_mlflow=self.embedded_mlflow is not None,
+            embedded_mlflow=self.settings.embedded_mlflow,  # this process's child, or the serve process's
             redis=self.redis,
             redis_breaker=self.redis_breaker,
             cache=self.health_cache,
@@ -170,6 +187,7 @@ class Runtime:
         return GatewayParts(upstream=self.mlflow, gate=self.gate, on_registry_change=self.registry.cache.invalidate)
 
     async def stop(self) -> None:
+        await self.cluster.aclose()
         await self.dspy.aclose()
         await self.analytics.aclose()
         await self.mlflow.aclose()

@@ -9,10 +9,11 @@ from datetime import UTC, datetime
 import psutil
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from hokusai.server.auth.dependencies import allow
-from hokusai.server.deps import Caller, Health
+from hokusai.server.cluster import ClusterOperation
+from hokusai.server.deps import Caller, Cluster, Health
 from hokusai.server.health.mlflow_checks import basic_checks, detailed_checks
 from hokusai.server.health.schemas import (
     BreakerReset,
@@ -26,6 +27,7 @@ from hokusai.server.health.schemas import (
     VersionBody,
 )
 from hokusai.server.health.service import HealthSources, overall_status, run_checks, services_summary
+from hokusai.server.metrics import exposition
 from hokusai.server.mlflow.breaker import BreakerState
 from hokusai.server.mlflow.upstream import ProbeResult
 
@@ -84,7 +86,7 @@ async def version(sources: Health) -> VersionBody:
 
 @router.get("/metrics", response_class=Response)
 async def metrics() -> Response:
-    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+    return Response(await exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 # --- MLflow connection and circuit breaker -------------------------------------------------------------------
@@ -103,12 +105,23 @@ async def mlflow_connection(sources: Health) -> JSONResponse:
     return JSONResponse(body, status_code=200 if healthy else 503)
 
 
-@router.post("/health/mlflow/reset", response_model=BreakerReset, dependencies=[Depends(allow("health:admin"))])
-async def reset_breaker(caller: Caller, sources: Health) -> BreakerReset:
-    sources.mlflow.breaker.reset()
-    logger.warning("MLflow circuit breaker reset by API key %s", caller.id)
+@router.post(
+    "/health/mlflow/reset",
+    response_model=BreakerReset,
+    response_model_exclude_none=True,
+    dependencies=[Depends(allow("health:admin"))],
+)
+async def reset_breaker(caller: Caller, cluster: Cluster) -> BreakerReset:
+    """Every service process's breaker (through Redis); each keeps its own state, `processes_reached` says how many
+    were reset."""
+    applied = await cluster.run(ClusterOperation.MLFLOW_BREAKER_RESET)
+    logger.warning("MLflow circuit breaker reset by API key %s (%d process(es))", caller.id, applied.processes)
     return BreakerReset(
-        message="Circuit breaker reset successfully", timestamp=utc_timestamp(), reset_by="manual_api_call"
+        message="Circuit breaker reset successfully",
+        timestamp=utc_timestamp(),
+        reset_by="manual_api_call",
+        processes_reached=applied.processes,
+        warning=applied.warning,
     )
 
 

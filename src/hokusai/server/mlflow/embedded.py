@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 INITIAL_RESTART_DELAY = 0.5
 MAX_RESTART_DELAY = 30.0
 STABLE_RUN_SECONDS = 60.0  # a child that ran this long gets a fresh backoff when it dies
+METRICS_DIR_VARIABLE = "PROMETHEUS_MULTIPROC_DIR"
 
 
 def free_loopback_port(host: str = "127.0.0.1") -> int:
@@ -80,7 +81,8 @@ class EmbeddedMlflow:
                 stdout=log,
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stopped as a whole, deaf to our terminal's ^C
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # Not the API workers' metrics directory (hokusai serve --workers): MLflow is no worker of ours.
+                env={**{k: v for k, v in os.environ.items() if k != METRICS_DIR_VARIABLE}, "PYTHONUNBUFFERED": "1"},
             )
         self._started_at = time.monotonic()
         logger.info("Embedded MLflow started (pid %s) at %s, log %s", self._process.pid, self.url, self.log_path)

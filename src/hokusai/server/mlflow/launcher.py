@@ -19,7 +19,7 @@ import uuid
 PR_SET_PDEATHSIG = 1
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """Ask Linux to SIGTERM this process when the supervising service dies, even by SIGKILL."""
     if not sys.platform.startswith("linux"):
         return
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, required=True)
     args = parser.parse_args(argv)
 
-    _die_with_parent()
+    die_with_parent()
     os.environ.update(server_environment(args.backend_store_uri, args.artifacts_destination))
 
     import uvicorn

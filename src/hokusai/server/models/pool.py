@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
+import ctypes
 import json
 import logging
 import os
@@ -42,6 +43,7 @@ OPEN_FILES = 256
 MAX_REQUEST_BYTES = 2**31  # an evaluation's dataset, from the API: a bound, not a policy
 MAX_ANSWER_BYTES = 128 * 1024 * 1024  # what a model may send back into the API process
 SCRATCH_PREFIX = "hokusai-model-workers-"
+PR_SET_DUMPABLE = 4  # prctl(2)
 STDERR_LINES_LOGGED = 100  # per worker: a model that prints forever does not flood the service log
 # Passed from the service's environment to workers: how to find programs, the locale, and the thread counts of the
 # numeric libraries. Nothing else: no HOKUSAI_*, no credentials, no MLflow or database settings.
@@ -216,10 +218,11 @@ class ModelWorkerPool:
             await anyio.Path(self._home).chmod(0o700)
         else:
             logger.warning(
-                "Model workers run as the service's own user (uid %d): the service is not root, or "
-                "HOKUSAI_MODEL_WORKER_USER is empty; they can read what that user can",
+                "Model workers run as the service's own user (uid %d): the service is not root (a container "
+                "run as non-root), or HOKUSAI_MODEL_WORKER_USER is empty; they can read what that user can",
                 os.geteuid(),
             )
+            refuse_inspection_by_same_user()
 
     async def aclose(self) -> None:
         self._closed = True
@@ -426,6 +429,16 @@ def worker_environment(scratch: Path) -> dict[str, str]:
     environment.update(HOME=str(scratch), TMPDIR=str(scratch), PYTHONDONTWRITEBYTECODE="1")
     environment.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
     return environment
+
+
+def refuse_inspection_by_same_user() -> bool:
+    """Mark the API process not dumpable: its /proc files (environ, with the database URL and keys; mem) become
+    root's and ptrace is refused, so model workers running as the same user cannot read its secrets from it.
+    False where the kernel call is not there (not Linux)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
 
 
 def _scratch_root() -> str:
