@@ -7,8 +7,6 @@ service fails the run instead.
 from __future__ import annotations
 
 import os
-import secrets
-import subprocess
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import psycopg
@@ -24,9 +22,9 @@ from tests.support import (
     PrivateRedis,
     Service,
     ServiceFactory,
-    stop_process_group,
+    create_postgres_database,
+    start_mlflow,
     unavailable,
-    wait_for_status,
 )
 
 POSTGRES_ADMIN_URL = os.environ.get("HOKUSAI_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -38,18 +36,9 @@ def mlflow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MlflowSe
     """One real MLflow server (SQLite store, one worker, jobs off) shared by the session."""
     home = tmp_path_factory.mktemp("mlflow-server")
     port = free_loopback_port()
-    log = home / "mlflow.log"
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            embedded_mlflow_command(home, "127.0.0.1", port),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    wait_for_status(f"{url}/health", process=process, log=log)
-    yield MlflowServer(url, process)
-    stop_process_group(process)
+    server = start_mlflow(embedded_mlflow_command(home, "127.0.0.1", port), port, home / "mlflow.log")
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +86,9 @@ def postgres_server() -> Iterator[list[str]]:
 @pytest.fixture
 def postgres_url(postgres_server: list[str]) -> str:
     """A fresh, empty database on the machine's PostgreSQL for this test."""
-    name = f"hokusai_test_{secrets.token_hex(4)}"
-    with psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
+    name, url = create_postgres_database(POSTGRES_ADMIN_URL, "hokusai_test")
     postgres_server.append(name)
-    base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
-    return f"{base}/{name}"
+    return url
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

@@ -7,6 +7,7 @@ import http.server
 import json
 import logging
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -68,6 +69,35 @@ class MlflowServer:
     url: str
     process: subprocess.Popen
 
+    def stop(self) -> None:
+        stop_process_group(self.process)
+
+
+def start_mlflow(command: list[str], port: int, log: Path, env: dict[str, str] | None = None) -> MlflowServer:
+    """An MLflow server command in its own process group (stopped as a whole), output to `log`; returned once its
+    /health answers."""
+    with open(log, "wb") as out:
+        process = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for_status(f"{url}/health", process=process, log=log)
+    except BaseException:
+        stop_process_group(process)
+        raise
+    return MlflowServer(url, process)
+
+
+def create_postgres_database(admin_url: str, prefix: str) -> tuple[str, str]:
+    """A fresh, empty database `<prefix>_<random>` on the PostgreSQL server of `admin_url` (a libpq URL):
+    its name, and its `postgresql+psycopg://` URL. The caller drops it."""
+    import psycopg
+
+    name = f"{prefix}_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    base = admin_url.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
+    return name, f"{base}/{name}"
+
 
 @dataclass
 class ServiceProcess:
@@ -80,9 +110,9 @@ class ServiceProcess:
     env: dict[str, str]
     admin_key: str | None = None
 
-    def client(self, key: str | None = None, **kwargs) -> httpx.Client:
+    def client(self, key: str | None = None, timeout: float | httpx.Timeout = 30, **kwargs) -> httpx.Client:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.Client(base_url=self.base_url, headers=headers, timeout=30, **kwargs)
+        return httpx.Client(base_url=self.base_url, headers=headers, timeout=timeout, **kwargs)
 
     def logs(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -230,9 +260,9 @@ def benchmark_metadata(version: dict, contributor: str | None = None) -> dict:
     return metadata
 
 
-def spawn_service(env: dict[str, str], log_path: Path | None = None) -> subprocess.Popen:
-    """`hokusai serve` in its own process group, output to `log_path` (or nowhere)."""
-    command = [sys.executable, "-m", "hokusai.cli", "serve"]
+def spawn_service(env: dict[str, str], log_path: Path | None = None, args: tuple[str, ...] = ()) -> subprocess.Popen:
+    """`hokusai serve [args]` in its own process group, output to `log_path` (or nowhere)."""
+    command = [sys.executable, "-m", "hokusai.cli", "serve", *args]
     if log_path is None:
         return subprocess.Popen(
             command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
@@ -424,6 +454,21 @@ class PrivateRedis:
                 break
             except redis.ConnectionError:
                 assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def restart(self) -> None:
+        """Killed and started again on the same port, empty: clients' connections break as in a Redis restart."""
+        import redis
+
+        self.stop()
+        self.process = subprocess.Popen(self.process.args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                redis.Redis.from_url(self.url, socket_timeout=1).ping()
+                return
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start again"
                 time.sleep(0.05)
 
     def pause(self) -> None:
