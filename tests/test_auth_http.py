@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 import time
 from datetime import datetime, timedelta
 
@@ -182,7 +184,19 @@ def test_no_plaintext_key_in_database_or_logs(service, admin_client):
     assert "GET /api/v1/keys 200" in logs  # the requests were logged, without their keys
     for secret in (key, key[8:], service.admin_key, service.admin_key[8:], key[:-1] + "x"):
         assert secret not in logs
-    stored = b"".join(path.read_bytes() for path in service.home.glob("hokusai.db*"))
+    stored = stored_bytes(service.home)
     assert created["prefix"].encode() in stored  # the display prefix is kept ...
     assert key.encode() not in stored and key[12:].encode() not in stored  # ... the rest of the key is not
     assert service.admin_key.encode() not in stored
+
+
+def stored_bytes(home) -> bytes:
+    """Every byte of the service database's files (with its WAL and shared memory), read by another process: an
+    open and close of those files in this one would drop the POSIX locks that SQLite holds on them here (the
+    in-process service's connections), after which SQLite in this process answers "disk I/O error", even on other
+    databases, for the rest of the test session."""
+    read = (
+        "import pathlib, sys; "
+        "sys.stdout.buffer.write(b''.join(p.read_bytes() for p in pathlib.Path(sys.argv[1]).glob('hokusai.db*')))"
+    )
+    return subprocess.run([sys.executable, "-c", read, str(home)], capture_output=True, check=True).stdout
