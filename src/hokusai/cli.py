@@ -7,11 +7,12 @@ dependencies alone.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import importlib.util
 import json
 import time
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Coroutine
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -233,34 +234,13 @@ def contributions_rebuild(as_json: bool = typer.Option(False, "--json", help="Pr
     """
     settings = _existing_database_settings()
     from hokusai.server.analytics.service import ModelAnalytics
-    from hokusai.server.db import Database, run_migrations
-    from hokusai.server.mlflow.embedded import EmbeddedMlflow
-    from hokusai.server.mlflow.upstream import MlflowUpstream
-    from hokusai.server.runtime import build_breaker, upstream_authorization
+    from hokusai.server.db import run_migrations
 
     run_migrations(settings.database_dsn)
 
     async def run() -> Any:
-        embedded = EmbeddedMlflow(settings.home) if settings.embedded_mlflow else None
-        if embedded is not None:
-            await embedded.start()
-        database = Database(settings.async_database_dsn)
-        upstream = MlflowUpstream(
-            embedded.url if embedded else str(settings.mlflow_url),
-            settings.mlflow_timeout,
-            breaker=build_breaker(settings),
-            authorization=upstream_authorization(settings),
-            keepalive=settings.reuse_mlflow_connections,
-        )
-        try:
-            if embedded is not None:
-                await _wait_for_mlflow(upstream, timeout=120)
+        async with _database_and_mlflow(settings, external_wait=None) as (database, upstream):
             return await ModelAnalytics.build(settings, upstream, database).impact.rebuild()
-        finally:
-            await upstream.aclose()
-            await database.dispose()
-            if embedded is not None:
-                await embedded.stop()
 
     report = _run(run())
     if as_json:
@@ -270,6 +250,45 @@ def contributions_rebuild(as_json: bool = typer.Option(False, "--json", help="Pr
         f"Read {report.versions_seen} versions; {report.versions_with_contributors} name contributors; "
         f"{report.contributions} contributions recorded"
     )
+
+
+@contextlib.asynccontextmanager
+async def _database_and_mlflow(settings: Settings, external_wait: float | None) -> AsyncIterator[tuple[Any, Any]]:
+    """The service database and an upstream client to its MLflow, for a server command: the embedded MLflow of
+    HOME is started for the duration when no HOKUSAI_MLFLOW_URL is set. `external_wait`: seconds an external MLflow
+    gets to answer before the command exits 2 (None: not checked; its first call says it)."""
+    from hokusai.server.db import Database
+    from hokusai.server.errors import ServiceUnavailable
+    from hokusai.server.mlflow.embedded import EmbeddedMlflow
+    from hokusai.server.mlflow.upstream import MlflowUpstream
+    from hokusai.server.runtime import build_breaker, upstream_authorization
+
+    embedded = EmbeddedMlflow(settings.home) if settings.embedded_mlflow else None
+    if embedded is not None:
+        await embedded.start()
+    database = Database(settings.async_database_dsn)
+    upstream = MlflowUpstream(
+        embedded.url if embedded else str(settings.mlflow_url),
+        settings.mlflow_timeout,
+        breaker=build_breaker(settings),
+        authorization=upstream_authorization(settings),
+        keepalive=settings.reuse_mlflow_connections,
+    )
+    try:
+        wait = 120 if embedded is not None else external_wait
+        if wait is not None:
+            try:
+                await _wait_for_mlflow(upstream, timeout=wait)
+            except ServiceUnavailable as exc:
+                where = f"the embedded MLflow did not start (see {embedded.log_path})" if embedded else exc.detail
+                typer.echo(f"error: MLflow is not reachable: {where}", err=True)
+                raise typer.Exit(2) from None
+        yield database, upstream
+    finally:
+        await upstream.aclose()
+        await database.dispose()
+        if embedded is not None:
+            await embedded.stop()
 
 
 async def _wait_for_mlflow(upstream: Any, timeout: float) -> None:
@@ -304,40 +323,13 @@ def doctor(
     duration, as `contributions rebuild` does.
     """
     settings = _existing_database_settings()
-    from hokusai.server.db import Database
-    from hokusai.server.errors import ServiceUnavailable
-    from hokusai.server.mlflow.embedded import EmbeddedMlflow
     from hokusai.server.mlflow.registry_client import RegistryClient
-    from hokusai.server.mlflow.upstream import MlflowUpstream
     from hokusai.server.registry.registration import check_model_ids
-    from hokusai.server.runtime import build_breaker, upstream_authorization
 
     async def run() -> Any:
-        embedded = EmbeddedMlflow(settings.home) if settings.embedded_mlflow else None
-        if embedded is not None:
-            await embedded.start()
-        database = Database(settings.async_database_dsn)
-        upstream = MlflowUpstream(
-            embedded.url if embedded else str(settings.mlflow_url),
-            settings.mlflow_timeout,
-            breaker=build_breaker(settings),
-            authorization=upstream_authorization(settings),
-            keepalive=settings.reuse_mlflow_connections,
-        )
-        try:
-            try:
-                # An external MLflow gets a few seconds (it may be restarting); an embedded one, its start.
-                await _wait_for_mlflow(upstream, timeout=120 if embedded else 3)
-            except ServiceUnavailable as exc:
-                where = f"the embedded MLflow did not start (see {embedded.log_path})" if embedded else exc.detail
-                typer.echo(f"error: MLflow is not reachable: {where}", err=True)
-                raise typer.Exit(2) from None
+        # An external MLflow gets a few seconds (it may be restarting); an embedded one, its start.
+        async with _database_and_mlflow(settings, external_wait=3) as (database, upstream):
             return await check_model_ids(database, RegistryClient.over(upstream), repair=repair)
-        finally:
-            await upstream.aclose()
-            await database.dispose()
-            if embedded is not None:
-                await embedded.stop()
 
     report = _run(run())
     if as_json:
