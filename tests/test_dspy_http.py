@@ -169,6 +169,25 @@ def test_language_model_failures_are_502_and_recorded(author, user, dspy_keys, d
             assert record["usage"][model]["total_tokens"] > 0
 
 
+def test_an_output_json_cannot_carry_is_answered_not_a_500(author, user):
+    """An LM answering `nan` for a float field: DSPy parses float('nan'), which JSON cannot carry. The answer carries
+    it as null (pydantic's JSON rule for NaN), the record as the string "NaN"; never a 500."""
+    declare(
+        author,
+        program_id="nan-scorer",
+        module="Predict",
+        signature="text: str -> score: float",
+        lm={"model": "openai/nan"},
+    )
+    answer = user.post("/api/v1/dspy/execute", json={"program_id": "nan-scorer", "inputs": {"text": "hi"}})
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["outputs"] == {"score": None}
+    record = user.get(f"/api/v1/dspy/execution/{answer.json()['execution_id']}")
+    assert record.status_code == 200, record.text
+    batch = user.post("/api/v1/dspy/execute/batch", json={"program_id": "nan-scorer", "inputs_list": [{"text": "a"}]})
+    assert batch.status_code == 200 and batch.json()["results"][0]["outputs"] == {"score": None}, batch.text
+
+
 def test_timeouts_are_504_and_capped(author, user, fake_lm):
     declare(author, program_id="slow", module="Predict", lm={"model": "openai/slow-3000"})
     asked, answered = fake_lm.started["slow-3000"], fake_lm.finished["slow-3000"]

@@ -6,7 +6,8 @@ last user message), each with a value derived from the first input value, so tes
 The model name chooses the behaviour, so one server serves every case at once:
   - `instant`, anything else: answer at once;
   - `slow-<ms>`: answer after that many milliseconds;
-  - `error`: HTTP 500; `garbage`: a body that is not JSON; `unformatted`: text without the field markers.
+  - `error`: HTTP 500; `garbage`: a body that is not JSON; `unformatted`: text without the field markers;
+  - `nan`: float fields answered `nan` (which DSPy parses as a float JSON cannot carry).
 
     python -m hokusai.devtools.echo_lm [--port 8765] [--host 0.0.0.0, in a container others call]
     HOKUSAI_DSPY_LM=openai/echo HOKUSAI_DSPY_API_BASE=http://127.0.0.1:8765/v1 hokusai serve
@@ -29,7 +30,7 @@ TYPED_FIELD = re.compile(r"`(\w+)` \(([^)]*)\)")
 SAMPLE_VALUES = {"int": "42", "float": "0.5", "bool": "True"}
 
 
-def answer_for(messages: list[dict]) -> str:
+def answer_for(messages: list[dict], samples: dict[str, str] = SAMPLE_VALUES) -> str:
     system = next((m["content"] for m in messages if m.get("role") == "system"), "")
     user = next((m["content"] for m in reversed(messages) if m.get("role") == "user"), "")
     if not isinstance(user, str):
@@ -45,7 +46,7 @@ def answer_for(messages: list[dict]) -> str:
             continue
         declared = types.get(name, "str")
         literal = re.search(r"Literal\[['\"]?([^'\",\]]+)", declared)
-        value = literal.group(1) if literal else SAMPLE_VALUES.get(declared, f"{name} for {first_value}")
+        value = literal.group(1) if literal else samples.get(declared, f"{name} for {first_value}")
         parts.append(f"[[ ## {name} ## ]]\n{value}")
     parts.append("[[ ## completed ## ]]")
     return "\n\n".join(parts)
@@ -80,7 +81,8 @@ class EchoLanguageModel:
                 if model == "garbage":
                     return self._send(200, b"<html>this is not json")
                 messages = request.get("messages", [])
-                content = "I would rather not say." if model == "unformatted" else answer_for(messages)
+                samples = {**SAMPLE_VALUES, "float": "nan"} if model == "nan" else SAMPLE_VALUES
+                content = "I would rather not say." if model == "unformatted" else answer_for(messages, samples)
                 prompt_tokens = sum(len(str(m.get("content", "")).split()) for m in messages)
                 body = {
                     "id": f"chatcmpl-{server.requests}",
