@@ -78,6 +78,13 @@ def fresh_connection_gets(base_url: str, path: str, count: int) -> list[httpx.Re
         return list(pool.map(get, range(count)))
 
 
+def ready_workers(base_url: str) -> set[str]:
+    """The workers that answered /ready with 200 among sixteen fresh-connection GETs."""
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: httpx.get(base_url + "/ready", timeout=30), range(16)))
+    return {worker_of(answer) for answer in answers if answer.status_code == 200}
+
+
 def answering_workers(base_url: str, path: str, want: int = 2, rounds: int = 50) -> dict[str, list[httpx.Response]]:
     """Responses by the worker that gave them, from rounds of eight fresh-connection GETs until `want` workers
     have answered (or the rounds ran out)."""
@@ -108,6 +115,9 @@ def two_workers(tmp_path_factory) -> Iterator[ServiceProcess]:
     service = ServiceProcess(f"http://127.0.0.1:{port}", home, log_path, process, env, admin_key)
     try:
         wait_for_status(service.base_url + "/ready", 200, timeout=180, process=process, log=log_path)
+        # One worker ready is not both: the other may have checked MLflow while the serve process was still
+        # starting it, and keeps that answer for its health cache's few seconds.
+        wait_until(lambda: len(ready_workers(service.base_url)) >= 2, 120, "both workers ready")
         yield service
     finally:
         stop_process_group(process)
