@@ -135,6 +135,25 @@ def _with_store(work: Any) -> Any:
     return _run(run())
 
 
+def _with_audited_store(command: str, work: Any, targets: Any = None) -> Any:
+    """`_with_store`, recording the command in the audit log as the actor `cli:<os user>`."""
+    settings = _existing_database_settings()
+    from hokusai.server.audit.store import record_command
+    from hokusai.server.auth.store import ApiKeyStore
+    from hokusai.server.db import Database, run_migrations
+
+    run_migrations(settings.database_dsn)
+
+    async def run() -> Any:
+        database = Database(settings.async_database_dsn)
+        try:
+            return await record_command(database, command, work(ApiKeyStore(database)), targets)
+        finally:
+            await database.dispose()
+
+    return _run(run())
+
+
 def _existing_database_settings() -> Settings:
     """Settings whose database a server has already created and migrated. Commands that act on the server's data
     refuse otherwise: making a new database here would give keys that the running server never sees."""
@@ -179,8 +198,10 @@ def keys_create(
     except ValueError:
         raise _fail(f"unknown scope in {scopes!r}; use read, write, admin") from None
     expires_in = timedelta(days=expires_in_days) if expires_in_days else None
-    created = _with_store(
-        lambda store: store.create(name, scope_set, rate_limit_per_hour, expires_in, "test" if test else "live")
+    created = _with_audited_store(
+        "keys create",
+        lambda store: store.create(name, scope_set, rate_limit_per_hour, expires_in, "test" if test else "live"),
+        lambda created: {"key_id": created.info.id},
     )
     view = ApiKeyView.of(created.info).model_dump(mode="json")
     if as_json:
@@ -210,8 +231,49 @@ def keys_list(as_json: bool = typer.Option(False, "--json", help="Print a JSON a
 @keys_app.command("revoke")
 def keys_revoke(key_id: str = typer.Argument(..., help="The key's id (key_...), as `keys list` shows")) -> None:
     """Revoke a key; running servers stop accepting it within the auth cache TTL."""
-    info = _with_store(lambda store: store.revoke(key_id))
+    info = _with_audited_store("keys revoke", lambda store: store.revoke(key_id), lambda _: {"key_id": key_id})
     typer.echo(f"Revoked {info.id} ({info.name})")
+
+
+@app.command("audit")
+def audit(
+    key_id: str | None = typer.Option(None, "--key-id", help="Only this key's requests"),
+    since: str | None = typer.Option(None, "--since", help="ISO time (UTC when no zone), e.g. 2026-11-29T12:00"),
+    limit: int = typer.Option(50, "--limit", min=1, max=500),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array"),
+) -> None:
+    """The audit log, newest first: who made which write, when (read from the server's database)."""
+    from datetime import datetime
+
+    settings = _existing_database_settings()
+    from hokusai.server.audit.schemas import AuditRecord
+    from hokusai.server.audit.store import AuditFilter, AuditStore
+    from hokusai.server.db import Database, run_migrations
+
+    try:
+        since_time = datetime.fromisoformat(since) if since else None
+    except ValueError:
+        raise _fail(f"--since {since!r} is not an ISO time") from None
+    run_migrations(settings.database_dsn)
+
+    async def run() -> Any:
+        database = Database(settings.async_database_dsn)
+        try:
+            return await AuditStore(database).list(AuditFilter(key_id=key_id, since=since_time), limit)
+        finally:
+            await database.dispose()
+
+    entries, _ = _run(run())
+    records = [AuditRecord.of(entry).model_dump(mode="json") for entry in entries]
+    if as_json:
+        typer.echo(json.dumps(records))
+        return
+    for record in records:
+        targets = " ".join(f"{name}={value}" for name, value in record["targets"].items())
+        typer.echo(
+            f"{record['at']}  {record['actor']} ({record['key_id'] or '-'}, {record['address'] or '-'})  "
+            f"{record['method']} {record['route']} {targets}  {record['status']}".rstrip()
+        )
 
 
 @db_app.command("upgrade")
@@ -234,13 +296,15 @@ def contributions_rebuild(as_json: bool = typer.Option(False, "--json", help="Pr
     """
     settings = _existing_database_settings()
     from hokusai.server.analytics.service import ModelAnalytics
+    from hokusai.server.audit.store import record_command
     from hokusai.server.db import run_migrations
 
     run_migrations(settings.database_dsn)
 
     async def run() -> Any:
         async with _database_and_mlflow(settings, external_wait=None) as (database, upstream):
-            return await ModelAnalytics.build(settings, upstream, database).impact.rebuild()
+            rebuild = ModelAnalytics.build(settings, upstream, database).impact.rebuild()
+            return await record_command(database, "contributions rebuild", rebuild)
 
     report = _run(run())
     if as_json:

@@ -10,6 +10,9 @@ from fastapi import FastAPI
 
 from hokusai import __version__
 from hokusai.server.analytics.router import build_router as build_analytics_router
+from hokusai.server.audit.middleware import AuditMiddleware
+from hokusai.server.audit.router import router as audit_router
+from hokusai.server.audit.store import AuditLog, AuditStore
 from hokusai.server.auth.router import router as keys_router
 from hokusai.server.config import Settings, load_settings
 from hokusai.server.dspy.router import router as dspy_router
@@ -38,6 +41,8 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
     # gives what the lifespan built. Handlers get theirs from app.state, through the providers of deps.py.
     built: dict[str, GatewayParts] = {}
 
+    audits: dict[str, AuditLog] = {}
+
     def parts() -> GatewayParts:
         return built["gateway"]
 
@@ -46,9 +51,13 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
         runtime = await Runtime.start(settings, announce_admin_key)
         runtime.provide(app.state)  # what deps.py hands to handlers
         built["gateway"] = runtime.gateway_parts()
+        audit = AuditLog(AuditStore(runtime.database), settings.audit_retention_days)
+        await audit.start()
+        app.state.audit = audits["log"] = audit
         try:
             yield
         finally:
+            await audit.aclose()  # before the database goes: the last rows are written on a clean shutdown
             await runtime.stop()
 
     app = FastAPI(
@@ -60,13 +69,14 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(keys_router)
+    app.include_router(audit_router)
     app.include_router(dspy_router)
     for prefix in ("/models", "/api/models"):  # the production base URL is /api
         app.include_router(build_analytics_router(prefix))  # first: its fixed segments before {model_name}/{version}
         app.include_router(build_registry_router(prefix))
     install_openapi(app)  # security schemes, 401/403/429 of guarded routes, the gateway
-    # The last added runs first: request context (ids, access log) -> bounds (identify before the body, size and
-    # idle bounds) -> the gateway (/mlflow/* and /api/mlflow/*) -> the routes.
+    # The last added runs first: request context (ids, access log) -> audit (records writes) -> bounds (identify
+    # before the body, size and idle bounds) -> the gateway (/mlflow/* and /api/mlflow/*) -> the routes.
     app.add_middleware(MlflowGateway, parts=parts)
     app.add_middleware(
         RequestBoundsMiddleware,
@@ -74,5 +84,7 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
         max_body_bytes=settings.max_body_bytes,
         body_read_timeout=settings.body_read_timeout,
     )
+    # Outside the bounds and the gateway: it sees every write's final status, refusals included.
+    app.add_middleware(AuditMiddleware, audit=lambda: audits["log"])
     app.add_middleware(RequestContextMiddleware)
     return app

@@ -242,6 +242,7 @@ class Settings(BaseSettings):
         "may start at once); false: refuse to start unless `hokusai db upgrade` was run",
     )
     auth_cache_ttl: float = Field(5.0, ge=0, description="Seconds a validated key is trusted without a database read")
+    audit_retention_days: int = Field(90, ge=1, description="Days the audit log keeps a row (deleted hourly after)")
     health_check_timeout: float = Field(2.0, gt=0)
     health_cache_ttl: float = Field(
         1.0, ge=0, le=60, description="Seconds a health check result is reused; one check runs at a time either way"

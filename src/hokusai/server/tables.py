@@ -3,6 +3,7 @@
 
 def import_all_models() -> None:
     from hokusai.server.analytics import models as _analytics_models  # noqa: F401
+    from hokusai.server.audit import models as _audit_models  # noqa: F401
     from hokusai.server.auth import models as _auth_models  # noqa: F401
     from hokusai.server.dspy import models as _dspy_models  # noqa: F401
     from hokusai.server.registry import models as _registry_models  # noqa: F401

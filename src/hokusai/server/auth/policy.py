@@ -26,6 +26,7 @@ ACTIONS: dict[str, Scope] = {
     "dspy:admin": Scope.ADMIN,
     "keys:admin": Scope.ADMIN,
     "health:admin": Scope.ADMIN,  # resetting the MLflow circuit breaker
+    "audit:read": Scope.ADMIN,  # the audit log names every key and address: admins only
     **{f"mlflow:{scope.value}": scope for scope in Scope},
 }
 
