@@ -13,6 +13,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from hokusai.server.analytics.service import ModelAnalytics
+from hokusai.server.audit.store import AuditLog
 from hokusai.server.auth.caller import Caller as CallerRecord
 from hokusai.server.auth.dependencies import current_caller
 from hokusai.server.auth.policy import Policy
@@ -58,6 +59,10 @@ def get_health(request: Request) -> HealthSources:
     return request.app.state.health
 
 
+def get_audit_log(request: Request) -> AuditLog:
+    return request.app.state.audit
+
+
 def get_cluster(request: Request) -> ClusterBus:
     """Operations that reach every service process (ClusterBus.run)."""
     return request.app.state.cluster
@@ -72,5 +77,6 @@ Limiter = Annotated[RequestRateLimiter, Depends(get_limiter)]
 AccessPolicy = Annotated[Policy, Depends(get_policy)]
 Health = Annotated[HealthSources, Depends(get_health)]
 Cluster = Annotated[ClusterBus, Depends(get_cluster)]
+Audit = Annotated[AuditLog, Depends(get_audit_log)]
 # Identified and throttled; what the caller may do is each route's guard (`auth.dependencies.allow(action)`).
 Caller = Annotated[CallerRecord, Depends(current_caller)]

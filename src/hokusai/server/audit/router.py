@@ -5,23 +5,20 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 
 from hokusai.server.audit.schemas import AuditPage, AuditRecord
-from hokusai.server.audit.store import AuditFilter, AuditLog
+from hokusai.server.audit.store import AuditFilter
 from hokusai.server.auth.dependencies import allow
+from hokusai.server.deps import Audit
 from hokusai.server.errors import ErrorDetail
 
 router = APIRouter(prefix="/api/v1/audit", tags=["audit"], dependencies=[Depends(allow("audit:read"))])
 
 
-def get_audit_log(request: Request) -> AuditLog:
-    return request.app.state.audit
-
-
 @router.get("", response_model=AuditPage, responses={400: {"model": ErrorDetail, "description": "Invalid cursor"}})
 async def list_audit(
-    audit: Annotated[AuditLog, Depends(get_audit_log)],
+    audit: Audit,
     key_id: Annotated[str | None, Query(max_length=32)] = None,
     method: Annotated[str | None, Query(max_length=16)] = None,
     route: Annotated[

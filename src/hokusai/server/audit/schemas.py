@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import datetime
 
 from pydantic import BaseModel
@@ -22,17 +23,7 @@ class AuditRecord(BaseModel):
 
     @classmethod
     def of(cls, entry: AuditEntry) -> AuditRecord:
-        return cls(
-            id=entry.id or 0,
-            at=entry.at,
-            key_id=entry.key_id,
-            actor=entry.actor,
-            address=entry.address,
-            method=entry.method,
-            route=entry.route,
-            targets=entry.targets,
-            status=entry.status,
-        )
+        return cls(**{**dataclasses.asdict(entry), "id": entry.id or 0})
 
 
 class AuditPage(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
+from abc import ABC, abstractmethod
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -293,15 +294,15 @@ def _settle(group: list[_Waiting], error: type[Exception] | None) -> None:
                 waiting.saved.set_exception(error())
 
 
-class RecordConnection:
+class RecordConnection(ABC):
     """The record writer's own connection: one transaction per `insert`."""
 
-    async def insert(self, rows: list[dict]) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    async def insert(self, rows: list[dict]) -> None: ...
 
+    @abstractmethod
     async def close(self, broken: bool = False) -> None:
         """Release it; `broken`: after a failure, when it may be unusable (it is not given back to a pool)."""
-        raise NotImplementedError
 
 
 class AsyncRecordConnection(RecordConnection):
