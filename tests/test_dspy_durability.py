@@ -25,7 +25,13 @@ from sqlalchemy import Engine, event, func, select
 from hokusai.server.auth.keys import generate_api_key
 from hokusai.server.dspy.models import DspyExecutionRow
 from hokusai.server.dspy.service import _plain
-from hokusai.server.dspy.store import ExecutionOutcome, ExecutionStore, RecordNotSaved, RecordWriter
+from hokusai.server.dspy.store import (
+    ExecutionOutcome,
+    ExecutionStore,
+    RecordNotSaved,
+    RecordWriter,
+    SqliteRecordConnection,
+)
 
 PROGRAM = {"program_id": "durable-qa", "name": "QA", "module": "Predict", "signature": "question -> answer"}
 ROUNDS = 3
@@ -197,16 +203,25 @@ class GatedStore(ExecutionStore):
 
 
 @pytest.fixture
-def commits() -> Iterator[list[int]]:
-    """Commits by any engine of this process while the test runs (the record writer's SQLite one is its own)."""
-    counted = [0]
+def commits() -> Iterator[list[Engine]]:
+    """The engine of every commit made in this process while the test runs: `writer_commits` keeps the record
+    writer's (other work of the same pytest worker, a background task of another module's service, may commit too)."""
+    engines: list[Engine] = []
 
-    def count(_connection) -> None:
-        counted[0] += 1
+    def note(connection) -> None:
+        engines.append(connection.engine)
 
-    event.listen(Engine, "commit", count)
-    yield counted
-    event.remove(Engine, "commit", count)
+    event.listen(Engine, "commit", note)
+    yield engines
+    event.remove(Engine, "commit", note)
+
+
+def writer_commits(engines: list[Engine], writer: RecordWriter) -> int:
+    """How many of those commits the writer's own connection made (SQLite: an engine of its own; PostgreSQL: a
+    connection of the service's engine, which nothing else in these tests uses while they count)."""
+    connection = writer._connection
+    own = connection._engine if isinstance(connection, SqliteRecordConnection) else connection._connection.sync_engine
+    return sum(1 for engine in engines if engine is own)
 
 
 async def stored(database, ids: list[str]) -> int:
@@ -235,7 +250,7 @@ async def test_executions_finishing_during_a_commit_share_the_next_one(database,
     store.gate.set()
     await asyncio.gather(a, b, c)
     assert store.transactions == [[first.execution_id], [second.execution_id, third.execution_id]]
-    assert commits[0] == 2
+    assert writer_commits(commits, writer) == 2
     assert await stored(database, [first.execution_id, second.execution_id, third.execution_id]) == 3
     await writer.aclose()
 
@@ -245,7 +260,7 @@ async def test_two_executions_finishing_together_share_one_transaction(database,
     writer = RecordWriter(ExecutionStore(database))
     together = [outcome(), outcome()]
     await asyncio.gather(*(writer.write([item]) for item in together))
-    assert commits[0] == 1
+    assert writer_commits(commits, writer) == 1
     assert await stored(database, [item.execution_id for item in together]) == 2
     await writer.aclose()
 
