@@ -3,8 +3,11 @@ readable by admins over `GET /api/v1/audit` and with `hokusai audit`; the server
 
 from __future__ import annotations
 
+import asyncio
 import getpass
 import json
+import os
+import signal
 import sqlite3
 import uuid
 from datetime import timedelta
@@ -212,3 +215,30 @@ async def test_buffered_rows_are_written_on_close_and_paged_by_time(database):
     assert end is None
     only, _ = await log.store.list(AuditFilter(key_id="key_2", method="patch"), limit=10)
     assert [row.key_id for row in only] == ["key_2"]
+
+
+def test_an_acknowledged_write_keeps_its_row_through_kill_9(start_service, mlflow_server):
+    """The row of a 2xx write is committed before the answer ends: a process killed right after keeps it."""
+    process = start_service(process=True, mlflow_url=mlflow_server.url)
+    with process.client(process.admin_key) as admin:
+        names = [f"durable-audit-{i}" for i in range(5)]
+        for name in names:
+            assert admin.post("/api/v1/keys", json={"name": name, "scopes": ["read"]}).status_code == 201
+    os.killpg(process.process.pid, signal.SIGKILL)
+    process.process.wait(30)
+    listed = process.cli("audit", "--json", "--limit", "50")
+    assert listed.returncode == 0, listed.stderr
+    created = [row for row in json.loads(listed.stdout) if row["route"] == "/api/v1/keys" and row["method"] == "POST"]
+    assert len(created) == len(names) and {row["status"] for row in created} == {201}
+
+
+@pytest.mark.anyio
+async def test_durable_rows_share_a_commit(database):
+    log = AuditLog(AuditStore(database), retention_days=90)
+    await log.start()
+    try:
+        await asyncio.gather(*(log.record_durably(entry(f"key_{i}", timedelta(0))) for i in range(20)))
+        rows, _ = await log.store.list(AuditFilter(), limit=50)  # committed: visible without a flush
+        assert sorted(row.key_id for row in rows) == sorted(f"key_{i}" for i in range(20))
+    finally:
+        await log.aclose()

@@ -46,25 +46,36 @@ class AuditMiddleware:
         if scope["type"] != "http" or scope["method"] in READ_METHODS:
             await self.app(scope, receive, send)
             return
-        status = {"code": 500}
+        status = {"code": 500, "recorded": False}
 
         async def record_status(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+            elif (
+                message["type"] == "http.response.body"
+                and not message.get("more_body", False)
+                and 200 <= status["code"] < 300
+                and not status["recorded"]
+            ):
+                # An acknowledged write: its row is committed before the client has the whole answer.
+                status["recorded"] = True
+                if (entry := self._entry(scope, status["code"])) is not None:
+                    await self.audit().record_durably(entry)
             await send(message)
 
         try:
             await self.app(scope, receive, record_status)
         finally:
-            self._record(scope, status["code"])
+            if not status["recorded"] and (entry := self._entry(scope, status["code"])) is not None:
+                self.audit().record(entry)
 
-    def _record(self, scope: Scope, status: int) -> None:
+    def _entry(self, scope: Scope, status: int) -> AuditEntry | None:
         method = scope["method"]
         route = scope.get("route")
         if isinstance(route, GatewayRoute) or gateway_prefix(scope["path"]) is not None:
             template = gateway_write_route(method, scope["path"])
             if template is None:
-                return
+                return None
             targets: dict[str, str] = {}
         else:
             # An unmatched path (404/405) keeps no raw path: it may carry anything.
@@ -72,15 +83,13 @@ class AuditMiddleware:
             targets = {name: str(value) for name, value in (scope.get("path_params") or {}).items()}
         caller = (scope.get("state") or {}).get(CALLER_STATE_KEY)
         client = scope.get("client")
-        self.audit().record(
-            AuditEntry(
-                key_id=caller.key_id if caller is not None else None,
-                actor=caller.name if caller is not None else ANONYMOUS,
-                address=(caller.address if caller is not None and caller.address else None)
-                or (client[0] if client else None),
-                method=method,
-                route=template,
-                targets=targets,
-                status=status,
-            )
+        return AuditEntry(
+            key_id=caller.key_id if caller is not None else None,
+            actor=caller.name if caller is not None else ANONYMOUS,
+            address=(caller.address if caller is not None and caller.address else None)
+            or (client[0] if client else None),
+            method=method,
+            route=template,
+            targets=targets,
+            status=status,
         )

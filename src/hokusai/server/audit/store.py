@@ -1,7 +1,9 @@
-"""The audit log's store and its writer: rows are buffered and written in batches after the responses.
+"""The audit log's store and its writer: rows are buffered and written in batches, one INSERT per batch.
 
-Audit rows are not acknowledged writes: a crash may lose the last second of them, a clean shutdown does not
-(`aclose` flushes). One INSERT per batch keeps the cost of a write request to appending to a list.
+The row of a write the service acknowledged (a 2xx) is committed before the end of the response leaves
+(`record_durably`, a group commit: requests finishing together share one commit), so a process killed after a 2xx
+has its audit row. Refusals and failures (`record`) are written within a second; a crash may lose that second,
+a clean shutdown does not (`aclose` flushes).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 FLUSH_INTERVAL_SECONDS = 1.0
+DURABLE_WAIT_SECONDS = 5.0  # a response waits this long at most for its row (the database may be away)
 FLUSH_BATCH = 200
 RETENTION_INTERVAL_SECONDS = 3600.0
 
@@ -159,6 +162,20 @@ class AuditLog:
         self._dropped = 0
         self._lock = asyncio.Lock()
         self._task: asyncio.Task | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self._flush_now = asyncio.Event()
+
+    async def record_durably(self, entry: AuditEntry) -> None:
+        """Record and wait until the row is committed (with whatever else is pending: one commit for all); after
+        DURABLE_WAIT_SECONDS the row stays pending and the caller goes on."""
+        waiter = asyncio.get_running_loop().create_future()
+        self.record(entry)
+        self._waiters.append(waiter)
+        self._flush_now.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), DURABLE_WAIT_SECONDS)
+        except TimeoutError:
+            logger.warning("Audit row not committed within %g s: it stays pending", DURABLE_WAIT_SECONDS)
 
     def record(self, entry: AuditEntry) -> None:
         if len(self._pending) >= MAX_PENDING:  # the database has been away for long: memory stays bounded
@@ -170,14 +187,19 @@ class AuditLog:
 
     async def flush(self) -> None:
         async with self._lock:
+            waiters, self._waiters = self._waiters, []  # each one's row is pending now: written below
             while self._pending:
                 batch, self._pending = self._pending[:FLUSH_BATCH], self._pending[FLUSH_BATCH:]
                 try:
                     await self.store.add_many(batch)
                 except Exception:
                     self._pending = batch + self._pending  # kept for the next attempt
+                    self._waiters = waiters + self._waiters
                     logger.exception("Could not write %d audit rows", len(batch))
                     raise
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     async def apply_retention(self) -> int:
         return await self.store.delete_older_than(utcnow() - self.retention)
@@ -187,14 +209,16 @@ class AuditLog:
         self._task = asyncio.create_task(self._run(), name="audit-writer")
 
     async def _run(self) -> None:
-        since_retention = 0.0
+        loop = asyncio.get_running_loop()
+        last_retention = loop.time()
         while True:
-            await asyncio.sleep(FLUSH_INTERVAL_SECONDS)
-            since_retention += FLUSH_INTERVAL_SECONDS
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._flush_now.wait(), FLUSH_INTERVAL_SECONDS)
+            self._flush_now.clear()
             try:
                 await self.flush()
-                if since_retention >= RETENTION_INTERVAL_SECONDS:
-                    since_retention = 0.0
+                if loop.time() - last_retention >= RETENTION_INTERVAL_SECONDS:
+                    last_retention = loop.time()
                     await self.apply_retention()
             except Exception:  # logged in flush or here; the writer keeps going (the rows stay pending)
                 logger.exception("Audit writer iteration failed")
