@@ -56,7 +56,12 @@ def service(tmp_path_factory: pytest.TempPathFactory, mlflow_server: MlflowServe
     show quickly, and room for the many registrations the registry tests make (the 20/minute policy has tests of its
     own). One per session, so one per xdist worker."""
     factory = ServiceFactory(tmp_path_factory)
-    yield factory(mlflow_url=mlflow_server.url, auth_cache_ttl="1", rate_limit_registration="1000/minute")
+    yield factory(
+        mlflow_url=mlflow_server.url,
+        auth_cache_ttl="1",
+        rate_limit_registration="1000/minute",
+        webhook_allow_private="true",  # the tests' webhook receivers listen on loopback
+    )
     factory.stop_all()
 
 

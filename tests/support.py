@@ -299,7 +299,8 @@ class ServiceFactory:
         self, wait_until: str = "ready", bootstrap: bool = True, process: bool = False, **settings: str
     ) -> Service:
         home = self.tmp_path_factory.mktemp("hokusai-home")
-        port = free_loopback_port()
+        # A port given: the test needed the service's address before it started (a callback URL).
+        port = int(settings.pop("port")) if "port" in settings else free_loopback_port()
         admin_key = generate_api_key() if bootstrap else None
         overrides = {"HOKUSAI_HOME": str(home), "HOKUSAI_PORT": str(port), "HOKUSAI_ENVIRONMENT": "test"}
         if admin_key:

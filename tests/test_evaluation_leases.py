@@ -24,6 +24,7 @@ from hokusai.server.analytics.schemas import EvaluateRequest
 from hokusai.server.analytics.service import ModelAnalytics
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, run_migrations, utcnow
+from hokusai.server.events.outbox import EventOutbox
 from hokusai.server.instance import instance_id
 from hokusai.server.mlflow.breaker import CircuitBreaker
 from hokusai.server.mlflow.upstream import MlflowUpstream
@@ -45,7 +46,7 @@ async def started_analytics(
     """The analytics services as a `hokusai serve` process builds them, started and stopped around the block."""
     configured = Settings(home=home, mlflow_url=mlflow_url, model_workers=1, **settings)
     upstream = MlflowUpstream(mlflow_url, configured.mlflow_timeout, breaker=CircuitBreaker(), keepalive=False)
-    analytics = ModelAnalytics.build(configured, upstream, database)
+    analytics = ModelAnalytics.build(configured, upstream, database, EventOutbox(database))
     try:
         await analytics.start()
         yield analytics

@@ -16,10 +16,12 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+import redis
 
 from hokusai.server.config import Settings
 from tests.cluster import Cluster, ClusterMember, running_cluster
 from tests.test_rate_limits import start_well_inside_window
+from tests.webhook_receiver import Receiver
 
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.slow]
 
@@ -41,6 +43,8 @@ def cluster(tmp_path_factory, postgres_server, redis_url):
         members=3,
         registry_cache_ttl="300",
         idempotency_pending_seconds=str(PENDING_SECONDS),
+        webhook_allow_private="true",  # the test's webhook receiver is on loopback
+        events_reconcile_seconds="2",
     ) as started:
         yield started
 
@@ -319,3 +323,73 @@ def test_breaker_reset_and_dspy_cache_clear_asked_of_one_process_reach_every_pro
         cleared = admin.post("/api/v1/dspy/cache/clear")
     assert reset.status_code == 200 and reset.json()["processes_reached"] == len(cluster.members), reset.text
     assert cleared.status_code == 200 and cleared.json()["processes_reached"] == len(cluster.members), cleared.text
+
+
+def test_each_change_through_any_process_is_one_event_delivered_once_per_webhook(cluster: Cluster):
+    """Registrations through all three processes at once and a change made in MLflow directly: each is one event in
+    the log, delivered once (signed, in order) to a webhook, and appended once to the Redis stream, although every
+    process observes, dispatches and may publish."""
+    receiver = Receiver()
+    name = f"events-cluster-{secrets.token_hex(3)}"
+    try:
+        with cluster.a.client(cluster.admin_key) as admin:
+            made = admin.post(
+                "/api/v1/webhooks", json={"url": receiver.url("all"), "event_types": ["*"], "model_names": [name]}
+            )
+        assert made.status_code == 201, made.text
+        receiver.secrets["all"] = made.json()["secret"]
+        writer = cluster.new_key(["write"])
+        body = {"model_data": f"models:/{cluster.logged_model()}", "model_type": "classifier", "model_name": name}
+        with cluster.b.client(writer) as b:
+            assert b.post("/models/register", json=body).status_code == 201
+
+        def register(member: ClusterMember) -> None:
+            with member.client(writer) as client:
+                for _ in range(3):
+                    registered = client.post("/models/register", json=body)
+                    assert registered.status_code == 201, registered.text
+
+        with ThreadPoolExecutor(3) as pool:
+            list(pool.map(register, cluster.members))
+        with cluster.mlflow_client() as mlflow:
+            direct = {"name": name, "version": "1", "key": "direct", "value": "yes"}
+            mlflow.post("/model-versions/set-tag", json=direct).raise_for_status()
+
+        expected = 1 + 10 + 1  # the model, ten versions, the direct tag (found by a reconciler)
+        with cluster.c.client(writer) as c:
+            deadline = time.monotonic() + 60
+            while len(events := c.get("/api/v1/events", params={"model": name}).json()["events"]) < expected:
+                assert time.monotonic() < deadline, events
+                time.sleep(0.5)
+            time.sleep(3)  # more reconciler rounds: nothing is announced twice
+            events = c.get("/api/v1/events", params={"model": name}).json()["events"]
+        kinds = [event["type"] for event in events]
+        assert kinds.count("registered_model.created") == 1 and kinds.count("model_version.created") == 10
+        assert kinds[-1] == "model_version.updated" and events[-1]["actor"]["kind"] == "mlflow"
+        assert len(events) == expected
+        assert sorted(e["subject"]["version"] for e in events if e["type"] == "model_version.created") == sorted(
+            str(v) for v in range(1, 11)
+        )
+        assert {e["actor"]["kind"] for e in events[:-1]} == {"api_key"}
+
+        deadline = time.monotonic() + 60
+        while len(receiver.delivered("all")) < expected and time.monotonic() < deadline:
+            time.sleep(0.2)
+        time.sleep(2)  # a second delivery would come from another process's dispatcher: none does
+        assert [arrival.event_id for arrival in receiver.delivered("all")] == [event["id"] for event in events]
+
+        stream = redis.Redis.from_url(cluster.redis_url)
+        deadline = time.monotonic() + 30
+        while True:
+            entries = [
+                fields[b"id"].decode()
+                for _, fields in stream.xrange(f"{cluster.redis_prefix}events")
+                if fields[b"model"].decode() == name
+            ]
+            if len(entries) >= expected or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert entries == [event["id"] for event in events]
+    finally:
+        receiver.stop()
+    assert not receiver.forged, receiver.forged

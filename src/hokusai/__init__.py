@@ -32,6 +32,7 @@ from hokusai.sdk.errors import (  # noqa: E402
     ValidationError,
 )
 from hokusai.sdk.registry import AsyncModelRegistry, ModelRegistry  # noqa: E402
+from hokusai.sdk.webhooks import WebhookVerificationError, verify_webhook  # noqa: E402
 
 __all__ = [
     "AsyncDSPyClient",
@@ -49,6 +50,8 @@ __all__ = [
     "ServerError",
     "UpstreamError",
     "ValidationError",
+    "WebhookVerificationError",
     "__version__",
     "setup",
+    "verify_webhook",
 ]

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from hokusai.client_cli import add_client_commands
+from hokusai.events_cli import events_app
 
 if TYPE_CHECKING:
     from hokusai.server.config import Settings
@@ -56,6 +57,7 @@ contributions_app = typer.Typer(
 app.add_typer(keys_app, name="keys")
 app.add_typer(db_app, name="db")
 app.add_typer(contributions_app, name="contributions")
+app.add_typer(events_app, name="events")  # tail follows Redis with the server's settings, else the HTTP log
 add_client_commands(app)
 
 
@@ -292,18 +294,21 @@ def contributions_rebuild(as_json: bool = typer.Option(False, "--json", help="Pr
 
     Versions registered through the service are recorded as they are made; this backfills versions made straight
     in MLflow (or through the gateway), and recomputes every improvement score. With no HOKUSAI_MLFLOW_URL it
-    starts the embedded MLflow of HOKUSAI_HOME for the duration.
+    starts the embedded MLflow of HOKUSAI_HOME for the duration. A record that is new or changed is announced
+    (contribution.recorded, model_version.improved) as the actor cli:<os user>; one that is unchanged is not.
     """
     settings = _existing_database_settings()
     from hokusai.server.analytics.service import ModelAnalytics
-    from hokusai.server.audit.store import record_command
+    from hokusai.server.audit.store import cli_actor, record_command
     from hokusai.server.db import run_migrations
+    from hokusai.server.events.outbox import Actor, EventOutbox
 
     run_migrations(settings.database_dsn)
 
     async def run() -> Any:
         async with _database_and_mlflow(settings, external_wait=None) as (database, upstream):
-            rebuild = ModelAnalytics.build(settings, upstream, database).impact.rebuild()
+            analytics = ModelAnalytics.build(settings, upstream, database, EventOutbox(database))
+            rebuild = analytics.impact.rebuild(Actor("cli", cli_actor()))
             return await record_command(database, "contributions rebuild", rebuild)
 
     report = _run(run())

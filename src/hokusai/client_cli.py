@@ -1,5 +1,5 @@
-"""The client commands of `hokusai`: login, models, dspy, health. They talk to a running service through the SDK
-(httpx only), so they work where only the client is installed.
+"""The client commands of `hokusai`: login, models, dspy, webhooks, health. They talk to a running service through
+the SDK (httpx only), so they work where only the client is installed.
 
 Exit codes say what failed: 0 ok, 1 other error, 2 usage, 3 authentication or permission, 4 not found,
 5 refused input (400/409/422), 6 rate limited, 7 the service or what is behind it failed (5xx), 8 unreachable.
@@ -46,6 +46,7 @@ EXIT_CODES: list[tuple[type[HokusaiError], int]] = [
 
 models_app = typer.Typer(help="Model versions on a running service.", no_args_is_help=True)
 dspy_app = typer.Typer(help="DSPy programs on a running service.", no_args_is_help=True)
+webhooks_app = typer.Typer(help="Webhook subscriptions to model lifecycle events (an admin key).", no_args_is_help=True)
 
 UrlOption = typer.Option(None, "--url", help="Service URL [HOKUSAI_URL, ~/.hokusai/config, http://127.0.0.1:8001]")
 KeyOption = typer.Option(None, "--api-key", help="API key [HOKUSAI_API_KEY, ~/.hokusai/config]")
@@ -301,6 +302,118 @@ def dspy_run(
     typer.echo(f"({result.execution_id}, {result.execution_time:.2f} s)", err=True)
 
 
+def _webhooks_table(rows: list[Any]) -> Any:
+    return _table(
+        "Webhooks",
+        ["id", "url", "event types", "models", "enabled", "description"],
+        [
+            [w.id, w.url, ", ".join(w.event_types), ", ".join(w.model_names or ["(all)"]), w.enabled, w.description]
+            for w in rows
+        ],
+    )
+
+
+@webhooks_app.command("list")
+def webhooks_list(url: str | None = UrlOption, api_key: str | None = KeyOption, as_json: bool = JsonOption) -> None:
+    """Every subscription (never its secret)."""
+    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+        webhooks = registry.list_webhooks()
+    show(webhooks, as_json, _webhooks_table)
+
+
+@webhooks_app.command("create")
+def webhooks_create(
+    target: str = typer.Argument(..., metavar="RECEIVER_URL", help="Where deliveries are POSTed"),
+    event_types: list[str] = typer.Option(
+        ..., "--type", help="An event type or pattern (model_version.*, *); repeat for several"
+    ),
+    model_names: list[str] = typer.Option([], "--model", help="Only this model's events; repeatable; default all"),
+    description: str | None = typer.Option(None, "--description"),
+    disabled: bool = typer.Option(False, "--disabled", help="Create it paused"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Subscribe a URL; prints the signing secret, shown this once."""
+    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+        created = registry.create_webhook(target, event_types, model_names or None, not disabled, description)
+    if as_json:
+        show(created, True)
+        return
+    typer.echo(f"Created {created.id} -> {created.url} ({', '.join(created.event_types)}). Its secret, shown once:")
+    typer.echo(created.secret)
+
+
+@webhooks_app.command("delete")
+def webhooks_delete(
+    webhook_id: str = typer.Argument(...), url: str | None = UrlOption, api_key: str | None = KeyOption
+) -> None:
+    """Remove a subscription (its pending deliveries are not sent)."""
+    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+        registry.delete_webhook(webhook_id)
+    typer.echo(f"Deleted {webhook_id}")
+
+
+@webhooks_app.command("deliveries")
+def webhooks_deliveries(
+    webhook_id: str = typer.Argument(...),
+    status: str | None = typer.Option(None, "--status", help="pending, delivered or dead"),
+    limit: int = typer.Option(50, "--limit", min=1),
+    cursor: str | None = typer.Option(None, "--cursor", help="The next_cursor of a previous page"),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """A webhook's deliveries: status, attempts, response code, latency."""
+    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+        page = registry.webhook_deliveries(webhook_id, status, limit, cursor)
+    if as_json:
+        show(page, True)
+        return
+    show(
+        page.deliveries,
+        False,
+        lambda rows: _table(
+            f"Deliveries of {webhook_id}",
+            ["id", "event", "type", "status", "attempts", "response", "latency ms", "error"],
+            [
+                [d.id, d.event_id, d.event_type, d.status, d.attempts]
+                + [d.last_status_code, d.last_latency_ms, d.last_error]
+                for d in rows
+            ],
+        ),
+    )
+    if page.next_cursor:
+        typer.echo(f"More: --cursor {page.next_cursor}", err=True)
+
+
+@webhooks_app.command("redeliver")
+def webhooks_redeliver(
+    webhook_id: str = typer.Argument(...),
+    delivery_id: str = typer.Argument(...),
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+    as_json: bool = JsonOption,
+) -> None:
+    """Send a delivery's event again (a dead-lettered one, or any other)."""
+    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+        delivery = registry.redeliver(webhook_id, delivery_id)
+    if as_json:
+        show(delivery, True)
+    else:
+        typer.echo(f"Queued delivery {delivery.id} of {delivery.event_id or 'the event'} to {webhook_id}")
+
+
+@webhooks_app.command("test")
+def webhooks_test(
+    webhook_id: str = typer.Argument(...), url: str | None = UrlOption, api_key: str | None = KeyOption
+) -> None:
+    """Send a webhook.test event now and show how the receiver answered."""
+    with failures_as_exit_codes(), _registry(url, api_key) as registry:
+        answer = registry.test_webhook(webhook_id)
+    show(answer, True)
+
+
 def _reference(reference: str) -> tuple[str, str]:
     name, colon, version = reference.rpartition(":")
     if not colon or not name or not version:
@@ -313,3 +426,4 @@ def add_client_commands(app: typer.Typer) -> None:
     app.command("health")(health)
     app.add_typer(models_app, name="models")
     app.add_typer(dspy_app, name="dspy")
+    app.add_typer(webhooks_app, name="webhooks")

@@ -1,4 +1,5 @@
-"""ModelRegistry and AsyncModelRegistry: every /models endpoint, as typed calls.
+"""ModelRegistry and AsyncModelRegistry: every /models endpoint, the event log and webhooks (sdk/events.py), as
+typed calls.
 
 Each operation is written once, as the `Call` it sends; the sync client returns its result, the async twin an
 awaitable of the same. Only paging and downloads, which loop, are written twice.
@@ -10,12 +11,13 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 from hokusai.sdk.config import registry_client_made, resolve
+from hokusai.sdk.events import Event, EventOperations
 from hokusai.sdk.models import (
     BatchResult,
     Comparison,
@@ -33,7 +35,7 @@ from hokusai.sdk.models import (
     VersionLineage,
     VersionMetrics,
 )
-from hokusai.sdk.transport import AsyncTransport, Call, Operations, RetryPolicy, Transport, without_none
+from hokusai.sdk.transport import AsyncTransport, Call, RetryPolicy, Transport, without_none
 
 Progress = Callable[[int], None]  # called with the bytes received so far
 
@@ -42,7 +44,7 @@ def _version(name: str, version: str | int) -> str:
     return f"/models/{quote(name, safe='')}/{quote(str(version), safe='')}"
 
 
-class _ModelOperations(Operations):
+class _ModelOperations(EventOperations):
     """The operations of both clients; `_send` returns a result (sync) or an awaitable of one (async)."""
 
     def list_page(self, name: str | None = None, max_results: int = 100, page_token: str | None = None) -> Any:
@@ -201,6 +203,21 @@ class ModelRegistry(_ModelOperations):
         """Every version (of one model, with `name`), all pages."""
         return list(self.iter_models(name, page_size))
 
+    def iter_events(
+        self,
+        type: str | list[str] | None = None,
+        model: str | None = None,
+        since: datetime | str | None = None,
+        page_size: int = 100,
+        cursor: str | None = None,
+    ) -> Iterator[Event]:
+        """Every event matching the filters, in log order, page after page (after `cursor`, when given)."""
+        while True:
+            page = self.events(type, model, since, page_size, cursor)
+            yield from page.events  # a page may be empty yet not the last: patterns are matched after the read
+            if not (cursor := page.next_cursor):
+                return
+
     def download(
         self, name: str, version: str | int, dest: str | Path = ".", progress: bool | Progress = False
     ) -> Path:
@@ -256,6 +273,21 @@ class AsyncModelRegistry(_ModelOperations):
 
     async def list_models(self, name: str | None = None, page_size: int = 100) -> list[ModelVersion]:
         return [model async for model in self.iter_models(name, page_size)]
+
+    async def iter_events(
+        self,
+        type: str | list[str] | None = None,
+        model: str | None = None,
+        since: datetime | str | None = None,
+        page_size: int = 100,
+        cursor: str | None = None,
+    ) -> AsyncIterator[Event]:
+        while True:
+            page = await self.events(type, model, since, page_size, cursor)
+            for event in page.events:
+                yield event
+            if not (cursor := page.next_cursor):
+                return
 
     async def download(
         self, name: str, version: str | int, dest: str | Path = ".", progress: bool | Progress = False

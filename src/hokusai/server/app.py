@@ -17,6 +17,7 @@ from hokusai.server.auth.router import router as keys_router
 from hokusai.server.config import Settings, load_settings
 from hokusai.server.dspy.router import router as dspy_router
 from hokusai.server.errors import install_error_handlers
+from hokusai.server.events.router import router as events_router
 from hokusai.server.health.router import router as health_router
 from hokusai.server.middleware import RequestContextMiddleware
 from hokusai.server.mlflow.proxy import GatewayParts, MlflowGateway
@@ -24,6 +25,7 @@ from hokusai.server.openapi import install_openapi
 from hokusai.server.registry.router import build_router as build_registry_router
 from hokusai.server.request_bounds import RequestBoundsMiddleware
 from hokusai.server.runtime import AdminKeyAnnouncer, Runtime
+from hokusai.server.webhooks.router import router as webhooks_router
 
 
 def print_admin_key(key: str, saved_to: str) -> None:
@@ -70,6 +72,8 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
     app.include_router(health_router)
     app.include_router(keys_router)
     app.include_router(audit_router)
+    app.include_router(events_router)
+    app.include_router(webhooks_router)
     app.include_router(dspy_router)
     for prefix in ("/models", "/api/models"):  # the production base URL is /api
         app.include_router(build_analytics_router(prefix))  # first: its fixed segments before {model_name}/{version}

@@ -243,6 +243,45 @@ class Settings(BaseSettings):
     )
     auth_cache_ttl: float = Field(5.0, ge=0, description="Seconds a validated key is trusted without a database read")
     audit_retention_days: int = Field(90, ge=1, description="Days the audit log keeps a row (deleted hourly after)")
+    improvement_threshold: float = Field(
+        0.01,
+        ge=0,
+        description="How much a version must beat its parent for model_version.improved: an absolute difference "
+        "for a metric whose both values lie in [0, 1] (0.01 = one percentage point), else relative to the parent",
+    )
+    events_reconcile_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="How often MLflow's registry is compared with the event snapshot (changes made in "
+        "MLflow directly that no MLflow webhook announced; one process at a time)",
+    )
+    events_poll_seconds: float = Field(
+        1.0, gt=0, le=60, description="How often a process looks for events and deliveries other processes wrote"
+    )
+    events_stream_maxlen: int = Field(
+        100_000, ge=100, description="Approximate length the Redis stream of events is trimmed to (MAXLEN ~)"
+    )
+    webhook_allow_private: bool = Field(
+        False, description="Allow webhook URLs that resolve to private, loopback or link-local addresses"
+    )
+    webhook_retry_schedule: str = Field(
+        "5,300,1800,7200,18000,36000,36000",
+        description="Seconds before each retry of a failed delivery (comma-separated, each with ±20% jitter); "
+        "after the last, the delivery is dead-lettered",
+    )
+    webhook_timeout: float = Field(10.0, gt=0, le=60, description="Seconds a receiver has to answer one delivery")
+    webhook_concurrency: int = Field(8, ge=1, le=256, description="Deliveries in flight at once, per process")
+    webhook_lease_seconds: float = Field(
+        60.0, gt=0, description="How long a claimed delivery is held by its process before another may retry it"
+    )
+    mlflow_webhook_url: AnyHttpUrl | None = Field(
+        None,
+        description="The URL at which MLflow reaches this service's receiver (…/api/v1/events/mlflow): set, the "
+        "service subscribes to MLflow's own webhooks, so changes made in MLflow directly are seen at once",
+    )
+    mlflow_webhook_secret: SecretStr | None = Field(
+        None, description="Secret MLflow signs its webhooks with (default: one kept in HOKUSAI_HOME)"
+    )
     health_check_timeout: float = Field(2.0, gt=0)
     health_cache_ttl: float = Field(
         1.0, ge=0, le=60, description="Seconds a health check result is reused; one check runs at a time either way"
@@ -288,6 +327,22 @@ class Settings(BaseSettings):
     def _limit_notation(cls, value: str) -> str:
         parse_limit(value)
         return value
+
+    @field_validator("webhook_retry_schedule")
+    @classmethod
+    def _retry_schedule(cls, value: str) -> str:
+        try:
+            delays = [float(part) for part in value.split(",") if part.strip()]
+        except ValueError:
+            raise ValueError("must be seconds separated by commas, e.g. 5,300,1800") from None
+        if not delays or any(delay < 0 or delay != delay for delay in delays):
+            raise ValueError("must list at least one delay, none negative")
+        return value
+
+    @property
+    def webhook_retry_delays(self) -> tuple[float, ...]:
+        """Seconds before retry 1, 2, ...: a delivery is attempted len + 1 times before it is dead-lettered."""
+        return tuple(float(part) for part in self.webhook_retry_schedule.split(",") if part.strip())
 
     @field_validator("forwarded_allow_ips")
     @classmethod
@@ -354,6 +409,16 @@ class Settings(BaseSettings):
     @property
     def embedded_mlflow(self) -> bool:
         return self.mlflow_url is None
+
+    @property
+    def mlflow_webhook_callback(self) -> str | None:
+        """Where MLflow's webhooks reach this service: as configured, or, with the embedded MLflow (same host), this
+        service's own port on loopback."""
+        if self.mlflow_webhook_url is not None:
+            return str(self.mlflow_webhook_url)
+        if self.embedded_mlflow:
+            return f"http://127.0.0.1:{self.port}/api/v1/events/mlflow"
+        return None
 
     @property
     def reuse_mlflow_connections(self) -> bool:

@@ -32,7 +32,10 @@ class Database:
     """Async engine and session factory for the life of the app."""
 
     def __init__(self, async_dsn: str) -> None:
-        self.engine: AsyncEngine = create_async_engine(async_dsn, pool_pre_ping=True, **engine_options(async_dsn))
+        # A server may drop idle connections (pinged before use); a SQLite file cannot, and the ping is a round trip
+        # through aiosqlite's thread on every checkout.
+        pre_ping = not async_dsn.startswith("sqlite")
+        self.engine: AsyncEngine = create_async_engine(async_dsn, pool_pre_ping=pre_ping, **engine_options(async_dsn))
         if async_dsn.startswith("sqlite"):
             event.listen(self.engine.sync_engine, "connect", sqlite_pragmas)
         self.sessions = async_sessionmaker(self.engine, expire_on_commit=False)

@@ -21,9 +21,11 @@ from hokusai.server.auth.service import ApiKeyService
 from hokusai.server.cluster import ClusterBus
 from hokusai.server.config import Settings
 from hokusai.server.dspy.service import DspyService
+from hokusai.server.events.service import EventService
 from hokusai.server.health.service import HealthSources
 from hokusai.server.ratelimit.service import RequestRateLimiter
 from hokusai.server.registry.service import RegistryService
+from hokusai.server.webhooks.service import WebhookService
 
 
 def get_settings(request: Request) -> Settings:
@@ -63,6 +65,16 @@ def get_audit_log(request: Request) -> AuditLog:
     return request.app.state.audit
 
 
+def get_events(request: Request) -> EventService:
+    """The event log: its outbox (GET /api/v1/events) and the MLflow webhook receiver."""
+    return request.app.state.events
+
+
+def get_webhooks(request: Request) -> WebhookService:
+    """Webhook subscriptions and their deliveries (the dispatcher delivers in the background)."""
+    return request.app.state.webhooks
+
+
 def get_cluster(request: Request) -> ClusterBus:
     """Operations that reach every service process (ClusterBus.run)."""
     return request.app.state.cluster
@@ -78,5 +90,7 @@ AccessPolicy = Annotated[Policy, Depends(get_policy)]
 Health = Annotated[HealthSources, Depends(get_health)]
 Cluster = Annotated[ClusterBus, Depends(get_cluster)]
 Audit = Annotated[AuditLog, Depends(get_audit_log)]
+Events = Annotated[EventService, Depends(get_events)]
+Webhooks = Annotated[WebhookService, Depends(get_webhooks)]
 # Identified and throttled; what the caller may do is each route's guard (`auth.dependencies.allow(action)`).
 Caller = Annotated[CallerRecord, Depends(current_caller)]

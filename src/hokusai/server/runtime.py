@@ -28,6 +28,7 @@ from hokusai.server.cluster import ClusterBus, ClusterOperation
 from hokusai.server.config import Settings
 from hokusai.server.db import Database, require_migrated, run_migrations
 from hokusai.server.dspy.service import DspyService
+from hokusai.server.events.service import EventService
 from hokusai.server.health.cache import HealthCache
 from hokusai.server.health.service import HealthSources
 from hokusai.server.metrics import track_breaker
@@ -42,6 +43,7 @@ from hokusai.server.redis_breaker import RedisBreaker, redis_retry
 from hokusai.server.registry.cache import RegistryReadCache
 from hokusai.server.registry.locks import ModelLocks
 from hokusai.server.registry.service import RegistryService
+from hokusai.server.webhooks.service import WebhookService
 
 logger = logging.getLogger(__name__)
 
@@ -67,6 +69,8 @@ class Runtime:
     policy: Policy
     gate: Gate
     cluster: ClusterBus
+    events: EventService
+    webhooks: WebhookService
 
     @classmethod
     async def start(cls, settings: Settings, announce_admin_key: AdminKeyAnnouncer) -> Runtime:
@@ -79,7 +83,9 @@ class Runtime:
         if settings.embedded_mlflow and settings.embedded_mlflow_url is None:
             # First, so its ~4 s start overlaps with our own migrations. (With several API workers, the serve
             # process starts the one embedded MLflow and hands its URL to the workers as embedded_mlflow_url.)
-            embedded = EmbeddedMlflow(settings.home, settings.mlflow_port)
+            embedded = EmbeddedMlflow(
+                settings.home, settings.mlflow_port, webhooks=settings.mlflow_webhook_callback is not None
+            )
             await embedded.start()
         mlflow_url = embedded.url if embedded else str(settings.embedded_mlflow_url or settings.mlflow_url)
 
@@ -111,7 +117,8 @@ class Runtime:
             keepalive=settings.reuse_mlflow_connections,
         )
         mlflow.breaker.add_listener(health_cache.clear)  # health never shows the state from before a transition
-        analytics = ModelAnalytics.build(settings, mlflow, database)
+        events = EventService.build(settings, database, mlflow, redis, redis_breaker)
+        analytics = ModelAnalytics.build(settings, mlflow, database, events.outbox)
         await analytics.start()
         policy = Policy()  # the one policy: route guards, the gateway and the registry's batches all ask it
         registry = RegistryService(
@@ -129,6 +136,7 @@ class Runtime:
             locks=ModelLocks(redis, prefix=settings.redis_key_prefix),
             policy=policy,
             idempotency_pending_seconds=settings.idempotency_pending_seconds,
+            changes=events.changes,
         )
         dspy = DspyService(settings, database, analytics.model_files)
         await dspy.start()
@@ -139,6 +147,7 @@ class Runtime:
         cluster.register(ClusterOperation.MLFLOW_BREAKER_RESET, mlflow.breaker.reset)
         cluster.register(ClusterOperation.DSPY_CACHE_CLEAR, dspy.clear_local_cache)
         await cluster.start()
+        await events.start()
         return cls(
             settings=settings,
             database=database,
@@ -157,6 +166,8 @@ class Runtime:
             policy=policy,
             gate=Gate(KeyIdentifier(api_keys, rate_limiter), Throttle(rate_limiter), policy),
             cluster=cluster,
+            events=events,
+            webhooks=WebhookService(database, settings, events.dispatcher),
         )
 
     def provide(self, state: State) -> None:
@@ -171,6 +182,8 @@ class Runtime:
         state.policy = self.policy
         state.gate = self.gate
         state.cluster = self.cluster
+        state.events = self.events
+        state.webhooks = self.webhooks
         state.health = HealthSources(
             settings=self.settings,
             database=self.database,
@@ -181,12 +194,19 @@ class Runtime:
             cache=self.health_cache,
             build=self.build,
             started_at=self.started_at,
+            events_stream=self.events.publisher,
         )
 
     def gateway_parts(self) -> GatewayParts:
-        return GatewayParts(upstream=self.mlflow, gate=self.gate, on_registry_change=self.registry.cache.invalidate)
+        return GatewayParts(
+            upstream=self.mlflow,
+            gate=self.gate,
+            on_registry_change=self.registry.cache.invalidate,
+            changes=self.events.changes,
+        )
 
     async def stop(self) -> None:
+        await self.events.aclose()
         await self.cluster.aclose()
         await self.dspy.aclose()
         await self.analytics.aclose()

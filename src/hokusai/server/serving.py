@@ -193,7 +193,9 @@ def _serve_workers(settings: Settings) -> int:
     try:
         if settings.embedded_mlflow:
             # First, so its ~4 s start overlaps with the migrations; the workers wait for it as for any MLflow.
-            embedded = EmbeddedMlflow(settings.home, settings.mlflow_port)
+            embedded = EmbeddedMlflow(
+                settings.home, settings.mlflow_port, webhooks=settings.mlflow_webhook_callback is not None
+            )
             background.run(embedded.start())
         if settings.migrate_on_start:
             run_migrations(settings.database_dsn)

@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from Crypto.Hash import keccak
-from sqlalchemy import case, delete, func, select
+from sqlalchemy import case, delete, func, select, text
 
 from hokusai.server.analytics.models import ContributionRow
 from hokusai.server.analytics.schemas import Contribution, ContributorImpact, ContributorShare
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import InvalidRequest
+from hokusai.server.events.outbox import EventOutbox, NewEvent
 from hokusai.server.timestamps import as_utc, iso
 
 CONTRIBUTOR_TAG = "contributor_address"
@@ -104,20 +106,97 @@ def normalized_contributor_metadata(metadata: dict[str, Any]) -> dict[str, Any]:
     return normalized
 
 
-class ContributionStore:
-    def __init__(self, database: Database) -> None:
-        self._database = database
+@dataclass(frozen=True)
+class RecordedContribution:
+    """What one contribution row says, apart from when it was written: two records of a version that agree on these
+    are the same record (a rebuild that changes nothing)."""
 
-    async def replace(self, name: str, version: str, rows: list[ContributionRow]) -> None:
-        """The contributions of one version, replacing what was recorded for it before (rebuild is repeatable)."""
+    address: str
+    weight: float
+    benchmark_metric: str | None
+    benchmark_value: float | None
+    parent: str | None
+    parent_value: float | None
+
+    @classmethod
+    def of(cls, row: ContributionRow) -> RecordedContribution:
+        return cls(row.address, row.weight, row.benchmark_metric, row.benchmark_value, row.parent, row.parent_value)
+
+
+RECORDED_COLUMNS = (
+    ContributionRow.address,
+    ContributionRow.weight,
+    ContributionRow.benchmark_metric,
+    ContributionRow.benchmark_value,
+    ContributionRow.parent,
+    ContributionRow.parent_value,
+)
+# The events a new record of a version makes, given what was recorded for it before (empty: nothing was).
+Announce = Callable[[list[RecordedContribution]], Sequence[NewEvent]]
+
+
+def _same_number(first: float | None, second: float | None) -> bool:
+    if first is None or second is None:
+        return first is second
+    return math.isclose(first, second, rel_tol=1e-12, abs_tol=1e-15)  # a float read back from either database
+
+
+def same_record(first: Sequence[RecordedContribution], second: Sequence[RecordedContribution]) -> bool:
+    """Whether two records of one version say the same (order aside)."""
+    if len(first) != len(second):
+        return False
+    pairs = zip(sorted(first, key=lambda c: c.address), sorted(second, key=lambda c: c.address), strict=True)
+    return all(
+        a.address == b.address
+        and a.benchmark_metric == b.benchmark_metric
+        and a.parent == b.parent
+        and _same_number(a.weight, b.weight)
+        and _same_number(a.benchmark_value, b.benchmark_value)
+        and _same_number(a.parent_value, b.parent_value)
+        for a, b in pairs
+    )
+
+
+class ContributionStore:
+    def __init__(self, database: Database, outbox: EventOutbox | None = None) -> None:
+        """`outbox`: where the events of a record go (a store without one records without announcing)."""
+        self._database = database
+        self._outbox = outbox
+        self._postgres = database.engine.dialect.name == "postgresql"
+
+    async def replace(
+        self, name: str, version: str, rows: list[ContributionRow], announce: Announce | None = None
+    ) -> list[RecordedContribution]:
+        """The contributions of one version, replacing what was recorded for it before (rebuild is repeatable);
+        returns what was recorded before. With `announce`, the events it makes of the previous record are appended
+        to the outbox in the same transaction, so a record and its announcement commit together or not at all."""
+        appended = False
         async with self._database.session() as session, session.begin():
-            await session.execute(
-                delete(ContributionRow).where(ContributionRow.model_name == name, ContributionRow.version == version)
+            if self._postgres:
+                # Two recordings of one version at once (a registration and a rebuild) take turns, so exactly one
+                # of them finds the version unrecorded. SQLite has one writer: the DELETE below takes its lock.
+                await session.execute(
+                    text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"contributions:{name}:{version}"}
+                )
+            deleted = await session.execute(
+                delete(ContributionRow)
+                .where(ContributionRow.model_name == name, ContributionRow.version == version)
+                .returning(*RECORDED_COLUMNS),
+                execution_options={"synchronize_session": False},
             )
+            previous = [RecordedContribution(*values) for values in deleted.all()]
             now = utcnow()
             for row in rows:
                 row.recorded_at = now
                 session.add(row)
+            if announce is not None and (events := announce(previous)):
+                if self._outbox is None:
+                    raise RuntimeError("ContributionStore was built without an outbox: it cannot announce")
+                await self._outbox.append(session, events)
+                appended = True
+        if appended:
+            self._outbox.appended()
+        return previous
 
     async def impact(self, address: str, limit: int, offset: int) -> ContributorImpact:
         """Totals over every contribution of the address, and one page of them (newest first); indexed by address."""

@@ -11,6 +11,9 @@ the evaluation runs in the background.
 Each evaluation is leased to the process running it (leases.py): a heartbeat renews the leases of this process's
 evaluations and takes over those of processes that died, so work is resumed by a surviving process, and a process
 that starts never touches what another live process is running.
+
+The outcome is announced (evaluation.completed / evaluation.failed) in the transaction that writes it, as the
+caller who asked for the evaluation (leases.py).
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ from typing import Any
 import anyio
 from sqlalchemy import insert, select
 
-from hokusai.server.analytics.leases import INTERRUPTED, EvaluationLeases
+from hokusai.server.analytics.leases import INTERRUPTED, REQUESTED_BY, EvaluationLeases, actor_record
 from hokusai.server.analytics.models import EvaluationRow
 from hokusai.server.analytics.predictions import model_source
 from hokusai.server.analytics.schemas import EvaluateRequest, Evaluation
@@ -44,6 +47,7 @@ from hokusai.server.analytics.versions import (
 )
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import HokusaiError, InvalidRequest, NotFound, Unprocessable
+from hokusai.server.events.outbox import Actor, EventOutbox
 from hokusai.server.instance import instance_id
 from hokusai.server.mlflow.registry_client import ModelVersion
 from hokusai.server.mlflow.upstream import MlflowUpstream
@@ -192,7 +196,9 @@ class EvaluationService:
         sync_max_bytes: int,
         lease_seconds: float = 60.0,
         owner: str | None = None,
+        outbox: EventOutbox | None = None,
     ) -> None:
+        """`outbox`: where each evaluation's outcome is announced (without one, outcomes are only recorded)."""
         self._upstream = upstream
         self._mlflow = reader.mlflow
         self._database = database
@@ -201,8 +207,11 @@ class EvaluationService:
         self._pool = pool
         self._datasets_root = datasets_root
         self._sync_max_bytes = sync_max_bytes
-        self._leases = EvaluationLeases(database, owner or instance_id(), lease_seconds)
+        self._leases = EvaluationLeases(database, owner or instance_id(), lease_seconds, outbox)
         self._in_flight: set[str] = set()  # this process's evaluations not yet finished: the leases it renews
+        # Who asked for the evaluations this process was asked for; background ones also keep it in their stored
+        # request, for a process that takes one over.
+        self._requested_by: dict[str, Actor] = {}
         self._background: dict[str, asyncio.Task] = {}
         self._running = asyncio.Semaphore(RUNNING_AT_ONCE)
         self._heartbeat: asyncio.Task | None = None
@@ -281,8 +290,9 @@ class EvaluationService:
         self._background[evaluation_id] = task
         task.add_done_callback(lambda _: self._background.pop(evaluation_id, None))
 
-    async def evaluate(self, request: EvaluateRequest) -> Evaluation:
-        """Checked at once (version, dataset); then run here, or queued when the dataset is large."""
+    async def evaluate(self, request: EvaluateRequest, actor: Actor | None = None) -> Evaluation:
+        """Checked at once (version, dataset); then run here, or queued when the dataset is large. `actor`: who
+        asked, named by the event that announces the outcome (by default the service)."""
         found = await self._reader.version(request.model_name, request.model_version)
         dataset = await self._locate(request.dataset_path)
         evaluation_id = "ev_" + secrets.token_hex(12)
@@ -302,8 +312,12 @@ class EvaluationService:
             # its request is not: its caller saw the request fail and has no id to poll, so running it again
             # would only add an MLflow run nobody asked for.
             row["request"] = request.model_dump(mode="json")
+            if actor is not None:
+                row["request"][REQUESTED_BY] = actor_record(actor)
         async with self._database.session() as session, session.begin():
             await session.execute(insert(EvaluationRow).values(**row))
+        if actor is not None:
+            self._requested_by[evaluation_id] = actor
         if background:
             self._spawn(evaluation_id, request, found, dataset)
         else:
@@ -375,23 +389,24 @@ class EvaluationService:
         try:
             result = await self._attempt(evaluation_id, request, version, dataset)
             if result is not None:
-                await self._set(evaluation_id, status="succeeded", result=result, finished_at=utcnow())
+                await self._finish(evaluation_id, status="succeeded", result=result, finished_at=utcnow())
         except asyncio.CancelledError:
             await asyncio.shield(self._interrupted(evaluation_id, background))
             raise
         except HokusaiError as exc:
-            await self._set(evaluation_id, status="failed", error=exc.detail[:2000], finished_at=utcnow())
+            await self._finish(evaluation_id, status="failed", error=exc.detail[:2000], finished_at=utcnow())
             if reraise:
                 raise
             return
         except Exception:
             logger.exception("Evaluation %s failed", evaluation_id)
-            await self._set(evaluation_id, status="failed", error="Internal error", finished_at=utcnow())
+            await self._finish(evaluation_id, status="failed", error="Internal error", finished_at=utcnow())
             if reraise:
                 raise
             return
         finally:
             self._in_flight.discard(evaluation_id)
+            self._requested_by.pop(evaluation_id, None)
             self._wake.set()
 
     async def _attempt(
@@ -415,10 +430,14 @@ class EvaluationService:
         if self._closing and background:
             await self._leases.release(evaluation_id)
         else:  # a request-bound evaluation whose caller went away, or one another process has taken over
-            await self._set(evaluation_id, status="failed", error=INTERRUPTED, finished_at=utcnow())
+            await self._finish(evaluation_id, status="failed", error=INTERRUPTED, finished_at=utcnow())
 
     async def _set(self, evaluation_id: str, **values: Any) -> bool:
         return await self._leases.write(evaluation_id, **values)
+
+    async def _finish(self, evaluation_id: str, **values: Any) -> bool:
+        """The outcome written and announced, unless another process has taken the evaluation over."""
+        return await self._leases.finish(evaluation_id, self._requested_by.get(evaluation_id), **values)
 
     async def _measure(self, version: ModelVersion, dataset: DatasetLocation, request: EvaluateRequest) -> dict:
         started = time.perf_counter()

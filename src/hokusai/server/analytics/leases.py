@@ -10,14 +10,17 @@ and a claim locks its rows with FOR UPDATE SKIP LOCKED, so two reclaiming proces
 never wait for each other. SQLite is one host: Python's clock, no row locks. On both, each write is conditional (a
 claim only if the lease is still expired, every other write only while this process owns the row), so a process
 that lost an evaluation to another cannot overwrite it.
+
+An evaluation's outcome (succeeded or failed, by its runner or by a process that gives up on it) is announced in the
+transaction that writes it, and only when the write took effect: two processes never both announce one evaluation.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
-from typing import Any
+from datetime import datetime, timedelta
+from typing import Any, get_args
 
 from pydantic import ValidationError
 from sqlalchemy import ColumnElement, and_, case, func, or_, select, update
@@ -26,8 +29,16 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hokusai.server.analytics.models import EvaluationRow
 from hokusai.server.analytics.schemas import EvaluateRequest
 from hokusai.server.db import Database, utcnow
+from hokusai.server.events.outbox import SERVICE_ACTOR, Actor, ActorKind, EventOutbox, NewEvent
+from hokusai.server.events.types import EVALUATION_COMPLETED, EVALUATION_FAILED
+from hokusai.server.registry.models import ModelIdRow
+from hokusai.server.timestamps import as_utc
 
 ACTIVE = ("queued", "running")
+FINISHED = {"succeeded": EVALUATION_COMPLETED, "failed": EVALUATION_FAILED}
+# Who asked for a background evaluation, kept beside what was asked in its stored request (EvaluateRequest ignores
+# the key), so the process that finishes it, whichever it is, announces the right actor.
+REQUESTED_BY = "requested_by"
 MAX_ATTEMPTS = 3  # an evaluation is started at most this many times: one that kills its process does not kill all
 INTERRUPTED = "Interrupted: the process running the evaluation stopped before it finished"
 NO_SYNC = {"synchronize_session": False}  # these sessions hold no loaded rows to keep in step
@@ -44,11 +55,81 @@ class Claimed:
     error: str | None = None
 
 
+@dataclass(frozen=True)
+class FinishedEvaluation:
+    """An evaluation as its outcome was written: what its event says."""
+
+    evaluation_id: str
+    model_name: str
+    version: str
+    dataset_path: str
+    status: str
+    result: Mapping[str, Any] | None
+    error: str | None
+    created_at: datetime
+    finished_at: datetime | None
+    request: Mapping[str, Any] | None
+
+
+FINISHED_COLUMNS = (
+    EvaluationRow.id,
+    EvaluationRow.model_name,
+    EvaluationRow.version,
+    EvaluationRow.dataset_path,
+    EvaluationRow.status,
+    EvaluationRow.result,
+    EvaluationRow.error,
+    EvaluationRow.created_at,
+    EvaluationRow.finished_at,
+    EvaluationRow.request,
+)
+
+
+def actor_record(actor: Actor) -> dict[str, str | None]:
+    return {"kind": actor.kind, "name": actor.name, "key_id": actor.key_id}
+
+
+def stored_actor(request: Mapping[str, Any] | None) -> Actor | None:
+    """Who asked, as the stored request keeps it (background evaluations); None when it does not."""
+    kept = request.get(REQUESTED_BY) if request else None
+    if not isinstance(kept, dict) or kept.get("kind") not in get_args(ActorKind):
+        return None
+    name, key_id = kept.get("name"), kept.get("key_id")
+    if not isinstance(name, str) or not (key_id is None or isinstance(key_id, str)):
+        return None
+    return Actor(kept["kind"], name, key_id)
+
+
+def evaluation_event(finished: FinishedEvaluation, actor: Actor, model_id: str | None) -> NewEvent:
+    """evaluation.completed (the metrics) or evaluation.failed (the error) for an evaluation's written outcome."""
+    payload: dict[str, Any] = {
+        "evaluation_id": finished.evaluation_id,
+        "status": finished.status,
+        "dataset": finished.dataset_path,
+    }
+    if finished.status == "succeeded":
+        result = finished.result or {}
+        payload.update(
+            metrics=result.get("metrics"),
+            sample_count=result.get("sample_count"),
+            run_id=result.get("run_id"),
+            duration_seconds=result.get("duration_seconds"),  # the measurement, as GET /models/evaluations shows
+        )
+    else:
+        payload["error"] = finished.error
+    if finished.finished_at is not None:  # from the request to the outcome, queueing and retries included
+        elapsed = as_utc(finished.finished_at) - as_utc(finished.created_at)
+        payload["elapsed_seconds"] = round(elapsed.total_seconds(), 3)
+    return NewEvent(FINISHED[finished.status], actor, finished.model_name, finished.version, model_id, payload)
+
+
 class EvaluationLeases:
-    def __init__(self, database: Database, owner: str, lease_seconds: float) -> None:
+    def __init__(self, database: Database, owner: str, lease_seconds: float, outbox: EventOutbox | None = None) -> None:
+        """`outbox`: where outcomes are announced (without one, they are written unannounced)."""
         self.owner = owner
         self.lease_seconds = lease_seconds
         self._database = database
+        self._outbox = outbox
         self._postgres = database.engine.dialect.name == "postgresql"
 
     def _now(self) -> Any:
@@ -80,6 +161,37 @@ class EvaluationLeases:
                 execution_options=NO_SYNC,
             )
         return result.rowcount > 0
+
+    async def finish(self, evaluation_id: str, actor: Actor | None, **values: Any) -> bool:
+        """Write the outcome (`status` succeeded or failed) of an evaluation this process owns and, in the same
+        transaction, announce it as `actor` (else who the stored request names, else the service); False (nothing
+        written, nothing announced) when another process has taken it."""
+        if values.get("status") not in FINISHED:
+            raise ValueError(f"an outcome is succeeded or failed, not {values.get('status')!r}")
+        async with self._database.session() as session, session.begin():
+            written = await session.execute(
+                update(EvaluationRow)
+                .where(EvaluationRow.id == evaluation_id, EvaluationRow.owner == self.owner)
+                .values(**values)
+                .returning(*FINISHED_COLUMNS),
+                execution_options=NO_SYNC,
+            )
+            finished = written.one_or_none()
+            if finished is None:
+                return False
+            appended = await self._announce(session, FinishedEvaluation(*finished), actor)
+        if appended:
+            self._outbox.appended()
+        return True
+
+    async def _announce(self, session: AsyncSession, finished: FinishedEvaluation, actor: Actor | None) -> bool:
+        """Append the outcome's event within the caller's transaction; whether there was an outbox to append to."""
+        if self._outbox is None:
+            return False
+        model_id = await session.scalar(select(ModelIdRow.model_id).where(ModelIdRow.name == finished.model_name))
+        who = actor or stored_actor(finished.request) or SERVICE_ACTOR
+        await self._outbox.append(session, [evaluation_event(finished, who, model_id)])
+        return True
 
     async def renew(self, evaluation_ids: Collection[str]) -> set[str]:
         """One UPDATE extends the leases of these evaluations (the ones this process is running or has queued);
@@ -128,6 +240,7 @@ class EvaluationLeases:
         runnable = and_(EvaluationRow.request.is_not(None), EvaluationRow.attempts < MAX_ATTEMPTS)
         claimed: list[Claimed] = []
         async with self._database.session() as session, session.begin():
+            # An evaluation marked failed here is announced in this transaction, by the process that gave up on it.
             phases = [(~runnable, batch)] + ([(runnable, room)] if room > 0 else [])
             for which, limit in phases:
                 query = (
@@ -144,6 +257,8 @@ class EvaluationLeases:
                 for evaluation_id, stored, attempts in (await session.execute(query)).all():
                     if (taken := await self._claim(session, evaluation_id, stored, attempts)) is not None:
                         claimed.append(taken)
+        if any(taken.request is None for taken in claimed) and self._outbox is not None:
+            self._outbox.appended()
         return claimed
 
     async def _claim(self, session: AsyncSession, evaluation_id: str, stored: Any, attempts: int) -> Claimed | None:
@@ -161,11 +276,17 @@ class EvaluationLeases:
             }
         # Still expired: on SQLite (no row locks) another process may have claimed it since the SELECT.
         result = await session.execute(
-            update(EvaluationRow).where(EvaluationRow.id == evaluation_id, self._expired()).values(**values),
+            update(EvaluationRow)
+            .where(EvaluationRow.id == evaluation_id, self._expired())
+            .values(**values)
+            .returning(*FINISHED_COLUMNS),
             execution_options=NO_SYNC,
         )
-        if result.rowcount != 1:
+        written = result.one_or_none()
+        if written is None:
             return None
+        if request is None:  # given up on: its outcome is written, and announced with it
+            await self._announce(session, FinishedEvaluation(*written), None)
         return Claimed(evaluation_id, values.get("attempts", attempts), request, error)
 
 

@@ -23,8 +23,9 @@ from hokusai.server.analytics.schemas import (
     VersionMetrics,
 )
 from hokusai.server.auth.dependencies import allow
-from hokusai.server.deps import Analytics, Registry
+from hokusai.server.deps import Analytics, Caller, Registry
 from hokusai.server.errors import InvalidRequest
+from hokusai.server.events.outbox import Actor
 from hokusai.server.registry.inputs import MAX_NAME_LENGTH, MAX_SQL_INTEGER
 
 read = allow("models:read")
@@ -47,10 +48,11 @@ async def compare_models(
 
 
 async def evaluate_model(
-    body: EvaluateRequest, request: Request, response: Response, analytics: Analytics
+    body: EvaluateRequest, request: Request, response: Response, analytics: Analytics, caller: Caller
 ) -> Evaluation:
-    """200 with the result; 202 with a queued evaluation (poll its Location) when the dataset is large."""
-    evaluation = await analytics.evaluations.evaluate(body)
+    """200 with the result; 202 with a queued evaluation (poll its Location) when the dataset is large. The
+    outcome's event names the caller."""
+    evaluation = await analytics.evaluations.evaluate(body, Actor.of(caller))
     if evaluation.status in ("queued", "running"):
         response.status_code = 202
         response.headers["Location"] = f"{request.url.path.rsplit('/', 1)[0]}/evaluations/{evaluation.evaluation_id}"

@@ -14,6 +14,7 @@ from hokusai.server.analytics.predictions import PredictionService, PredictionSt
 from hokusai.server.analytics.versions import MetricDirection, VersionReader
 from hokusai.server.config import Settings
 from hokusai.server.db import Database
+from hokusai.server.events.outbox import EventOutbox
 from hokusai.server.mlflow.registry_client import RegistryClient
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.models.files import ModelFiles
@@ -32,7 +33,12 @@ class ModelAnalytics:
     model_workers: ModelWorkerPool
 
     @classmethod
-    def build(cls, settings: Settings, upstream: MlflowUpstream, database: Database) -> ModelAnalytics:
+    def build(
+        cls, settings: Settings, upstream: MlflowUpstream, database: Database, outbox: EventOutbox
+    ) -> ModelAnalytics:
+        """The analytics over one MLflow and one database; `outbox` takes the events its records announce
+        (contribution.recorded, model_version.improved, evaluation.completed/failed), each in the record's
+        transaction."""
         reader = VersionReader(RegistryClient.over(upstream), settings.evaluation_experiment)
         direction = MetricDirection(settings.lower_is_better)
         lineage = LineageService(reader, database, direction)
@@ -62,11 +68,14 @@ class ModelAnalytics:
                 settings.datasets_root,
                 settings.evaluation_sync_max_bytes,
                 lease_seconds=settings.evaluation_lease_seconds,
+                outbox=outbox,
             ),
             performance=PerformanceService(reader, prediction_store, settings.production_metrics_window),
             predictions=PredictionService(files, workers, prediction_store, settings.prediction_max_rows),
             lineage=lineage,
-            impact=ImpactService(reader, lineage, ContributionStore(database), direction),
+            impact=ImpactService(
+                reader, lineage, ContributionStore(database, outbox), direction, settings.improvement_threshold
+            ),
             model_files=files,
             model_workers=workers,
         )

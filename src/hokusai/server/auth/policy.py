@@ -27,6 +27,8 @@ ACTIONS: dict[str, Scope] = {
     "keys:admin": Scope.ADMIN,
     "health:admin": Scope.ADMIN,  # resetting the MLflow circuit breaker
     "audit:read": Scope.ADMIN,  # the audit log names every key and address: admins only
+    "events:read": Scope.READ,
+    "webhooks:admin": Scope.ADMIN,  # subscriptions carry secrets and send data out of the service
     **{f"mlflow:{scope.value}": scope for scope in Scope},
 }
 

@@ -152,6 +152,11 @@ async def service_status(sources: Health) -> dict:
         },
         # Present with Redis configured: whether calls skip it now (its breaker), and how often they have.
         "redis": _redis_status(sources, summary.get("redis", "disabled")),
+        # The events stream publisher: its Redis stream, the backlog of events waiting in the database.
+        "message_queue": next(
+            (r.details or {"status": r.status, "error": r.error} for r in results if r.name == "message_queue"),
+            {"status": "disabled"},
+        ),
         "system_info": {
             # System-wide CPU use since the previous call (primed at import), memory in use.
             "cpu_percent": psutil.cpu_percent(interval=None),

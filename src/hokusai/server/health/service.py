@@ -6,7 +6,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -18,7 +18,11 @@ from hokusai.server.health.cache import HealthCache
 from hokusai.server.mlflow.upstream import MlflowUpstream
 from hokusai.server.redis_breaker import RedisBreaker
 
-CheckStatus = Literal["healthy", "unhealthy", "disabled"]
+if TYPE_CHECKING:
+    from hokusai.server.events.stream import StreamPublisher
+
+# "degraded": working, but not as it should (the events stream's backlog is not draining); it still passes.
+CheckStatus = Literal["healthy", "degraded", "unhealthy", "disabled"]
 OverallStatus = Literal["healthy", "degraded", "unhealthy"]
 
 
@@ -35,6 +39,7 @@ class HealthSources:
     cache: HealthCache
     build: BuildInfo
     started_at: float  # time.monotonic() at start
+    events_stream: StreamPublisher | None = None  # the Redis stream publisher, reported as `message_queue`
 
     @property
     def uptime_seconds(self) -> float:
@@ -48,6 +53,7 @@ class CheckResult:
     critical: bool
     error: str | None = None
     response_time_ms: float | None = None
+    details: dict[str, Any] | None = None  # more than the status, for /health/status
 
     @property
     def passed(self) -> bool:
@@ -86,12 +92,29 @@ async def _run_checks_now(sources: HealthSources) -> list[CheckResult]:
     ]
     if sources.redis is not None:
         probes.append(_timed("redis", False, lambda: _ping_redis(sources), timeout))
+    probes.append(message_queue_check(sources.events_stream, timeout))
     results = list(await asyncio.gather(*probes))
     if sources.redis is None:
-        results.append(CheckResult("redis", "disabled", False))
-    # No message broker is wired into the service yet: reported as such rather than invented.
-    results.append(CheckResult("message_queue", "disabled", False))
+        results.insert(-1, CheckResult("redis", "disabled", False))
     return results
+
+
+async def message_queue_check(publisher: StreamPublisher | None, timeout: float) -> CheckResult:
+    """The events stream publisher's state: disabled without Redis; healthy while Redis answers and the backlog
+    drains; unhealthy while Redis is down (events wait in the database, nothing is lost); degraded when the backlog
+    does not drain or the stream belongs to another event log. Never critical: the API serves without it."""
+    if publisher is None:
+        return CheckResult("message_queue", "disabled", False)
+    started = time.perf_counter()
+    try:
+        state = await asyncio.wait_for(publisher.state(), timeout)
+    except TimeoutError:
+        return CheckResult("message_queue", "unhealthy", False, f"no answer within {timeout:g}s")
+    except Exception as exc:  # a health check reports every failure; it must not raise
+        return CheckResult("message_queue", "unhealthy", False, _describe(exc))
+    elapsed = round((time.perf_counter() - started) * 1000, 2)
+    error = None if state.status in ("healthy", "disabled") else state.detail
+    return CheckResult("message_queue", state.status, False, error, elapsed, state.as_dict())
 
 
 async def _ping_redis(sources: HealthSources) -> None:
@@ -115,7 +138,7 @@ def overall_status(results: list[CheckResult]) -> OverallStatus:
     failing = {result.name for result in results if not result.passed}
     if "database" in failing:
         return "unhealthy"
-    return "degraded" if failing else "healthy"
+    return "degraded" if failing or any(result.status == "degraded" for result in results) else "healthy"
 
 
 def services_summary(results: list[CheckResult], database_kind: str) -> dict[str, str]:

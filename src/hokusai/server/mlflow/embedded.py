@@ -47,9 +47,32 @@ def embedded_mlflow_command(home: Path, host: str, port: int) -> list[str]:
     ]
 
 
+def webhook_environment(home: Path) -> dict[str, str]:
+    """What MLflow needs to call this service back (events/mlflow_hooks.py): plain http and a private address
+    (both processes on one host), and a fixed key for the secrets it keeps (one per start would forget them)."""
+    from cryptography.fernet import Fernet  # MLflow's own dependency, for the same purpose
+
+    key_path = home / "mlflow-webhook-encryption.key"
+    try:
+        descriptor = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        key = key_path.read_text().strip()
+    else:
+        key = Fernet.generate_key().decode()
+        with os.fdopen(descriptor, "w") as file:
+            file.write(key)
+    return {
+        "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+        "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https",
+        "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": key,
+    }
+
+
 class EmbeddedMlflow:
-    def __init__(self, home: Path, port: int = 0, host: str = "127.0.0.1") -> None:
+    def __init__(self, home: Path, port: int = 0, host: str = "127.0.0.1", webhooks: bool = False) -> None:
+        """`webhooks`: MLflow may call this service back (the service subscribes to its webhooks)."""
         self.home = home
+        self.webhooks = webhooks
         self.host = host
         self.port = port or free_loopback_port(host)
         self.log_path = home / "mlflow.log"
@@ -74,6 +97,7 @@ class EmbeddedMlflow:
 
     async def _spawn(self) -> None:
         command = embedded_mlflow_command(self.home, self.host, self.port)
+        extra = webhook_environment(self.home) if self.webhooks else {}
         with open(self.log_path, "ab") as log:  # noqa: ASYNC230 - opening a local log file is instant
             self._process = await asyncio.create_subprocess_exec(
                 *command,
@@ -82,7 +106,11 @@ class EmbeddedMlflow:
                 stderr=asyncio.subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stopped as a whole, deaf to our terminal's ^C
                 # Not the API workers' metrics directory (hokusai serve --workers): MLflow is no worker of ours.
-                env={**{k: v for k, v in os.environ.items() if k != METRICS_DIR_VARIABLE}, "PYTHONUNBUFFERED": "1"},
+                env={
+                    **{k: v for k, v in os.environ.items() if k != METRICS_DIR_VARIABLE},
+                    "PYTHONUNBUFFERED": "1",
+                    **extra,
+                },
             )
         self._started_at = time.monotonic()
         logger.info("Embedded MLflow started (pid %s) at %s, log %s", self._process.pid, self.url, self.log_path)

@@ -14,8 +14,10 @@ authorizes the action the scope table gives the route); errors become the same J
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from urllib.parse import parse_qs
 
 import aiohttp
 from starlette.background import BackgroundTask
@@ -28,6 +30,8 @@ from hokusai.server.auth.gate import Gate
 from hokusai.server.auth.keys import Scope as KeyScope
 from hokusai.server.auth.policy import gateway_action
 from hokusai.server.errors import HokusaiError, error_response_for
+from hokusai.server.events.changes import RegistryChanges
+from hokusai.server.events.outbox import Actor
 from hokusai.server.mlflow.gateway import (
     forwarded_request_headers,
     forwarded_response_headers,
@@ -71,6 +75,19 @@ def changes_registry(upstream_path: bytes) -> bool:
     return b"/registered-models" in upstream_path or b"/model-versions" in upstream_path
 
 
+def model_named(body: bytes | AsyncIterator[bytes] | None, query: bytes) -> str | None:
+    """The registered model a registry write names (`name` in its JSON body, else in its query), if any."""
+    if isinstance(body, bytes) and body:
+        try:
+            parsed = json.loads(body)
+        except ValueError:
+            parsed = None
+        if isinstance(parsed, dict) and isinstance(parsed.get("name"), str) and parsed["name"]:
+            return parsed["name"]
+    names = parse_qs(query.decode("latin-1")).get("name")
+    return names[0] if names else None
+
+
 def gateway_prefix(path: str) -> str | None:
     if path in OWN_ROUTES:
         return None
@@ -87,6 +104,7 @@ class GatewayParts:
     upstream: MlflowUpstream
     gate: Gate
     on_registry_change: Callable[[], Awaitable[object]]  # a write to registered models went through
+    changes: RegistryChanges | None = None  # the event log's record of who changed which model
 
 
 class MlflowGateway:
@@ -138,9 +156,16 @@ async def forward(request: Request, prefix: str, caller: Caller, parts: GatewayP
         host=request.headers.get("host"),
         prefix=prefix,
     )
-    upstream_response = await upstream.open(
-        request.method, path, upstream_query(scope.get("query_string", b"")), headers, body=body
-    )
+    query = upstream_query(scope.get("query_string", b""))
+    changed_model = None
+    if needed is not KeyScope.READ and changes_registry(path) and parts.changes is not None:
+        changed_model = model_named(body, query)
+    if changed_model is None:
+        upstream_response = await upstream.open(request.method, path, query, headers, body=body)
+    else:
+        # Like /models writes: who is about to change the model recorded first, the model observed after.
+        async with parts.changes.change(changed_model, Actor.of(caller)):
+            upstream_response = await upstream.open(request.method, path, query, headers, body=body)
     if needed is not KeyScope.READ and changes_registry(path):
         await parts.on_registry_change()
     if _declared_length(upstream_response.headers.get("content-length")) <= SMALL_BODY_BYTES:

@@ -134,11 +134,21 @@ class RegisteredModel:
     name: str
     tags: Mapping[str, str] = field(default_factory=dict)
     aliases: tuple[tuple[str, str], ...] = ()  # (alias, version), in MLflow's order
+    description: str = ""
+    created_ms: int = 0
+    updated_ms: int = 0
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> RegisteredModel:
         aliases = tuple((alias["alias"], alias["version"]) for alias in raw.get("aliases", []))
-        return cls(name=raw["name"], tags=tag_dict(raw.get("tags")), aliases=aliases)
+        return cls(
+            name=raw["name"],
+            tags=tag_dict(raw.get("tags")),
+            aliases=aliases,
+            description=raw.get("description", "") or "",
+            created_ms=int(raw.get("creation_timestamp") or 0),
+            updated_ms=int(raw.get("last_updated_timestamp") or 0),
+        )
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, nullcontext
 from datetime import datetime
 from typing import Any, TypeVar
 
@@ -22,6 +22,8 @@ from hokusai.server.auth.caller import Caller
 from hokusai.server.auth.policy import Policy
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import HokusaiError, InvalidRequest, Unprocessable
+from hokusai.server.events.changes import RegistryChanges
+from hokusai.server.events.outbox import Actor
 from hokusai.server.mlflow.registry_client import (
     ModelVersion,
     RegistryClient,
@@ -107,15 +109,18 @@ class RegistryService:
         upstream: MlflowUpstream,
         database: Database,
         cache: RegistryReadCache,
-        on_registered: Callable[[str, str], Awaitable[object]] | None = None,
+        on_registered: Callable[[str, str, Actor], Awaitable[object]] | None = None,
         locks: ModelLocks | None = None,
         policy: Policy | None = None,
         idempotency_pending_seconds: float = DEFAULT_PENDING_SECONDS,
+        changes: RegistryChanges | None = None,
     ) -> None:
-        """`on_registered(name, version)` runs after each registration that names contributors (their records);
+        """`on_registered(name, version, actor)` runs after each registration that names contributors (their records);
         `locks` serialize the changes to one model (in process unless given ones backed by Redis); `policy`
         authorizes each operation of a batch; an Idempotency-Key still pending after `idempotency_pending_seconds`
-        may be taken over by a retry. Every write takes its `actor`, the caller who asked for it."""
+        may be taken over by a retry. Every write takes its `actor`, the caller who asked for it, and goes through
+        `changes` (when given): the event log's record of who changed which model (events/changes.py)."""
+        self._changes = changes
         self._policy = policy or Policy()
         self._upstream = upstream
         self._locks = locks or ModelLocks()
@@ -195,7 +200,7 @@ class RegistryService:
     async def update_version(
         self, name: str, version: str, update: ModelVersionUpdate, actor: Caller
     ) -> ModelVersionDetail:
-        async with self._writing(name):
+        async with self._writing(name, actor):
             return await self._update_version(name, version, update)
 
     async def _update_version(self, name: str, version: str, update: ModelVersionUpdate) -> ModelVersionDetail:
@@ -211,7 +216,7 @@ class RegistryService:
         return await self.get_version(name, current.version, fresh=True)
 
     async def delete_version(self, name: str, version: str, actor: Caller) -> str:
-        async with self._writing(name):
+        async with self._writing(name, actor):
             current = await self.get_version(name, version, fresh=True)
             await self._mlflow.delete_version(name, version)  # gone meanwhile: a 404 naming the version as given
         return f"Model {name}:{current.version} deleted successfully"
@@ -223,7 +228,7 @@ class RegistryService:
 
         One change per model at a time (`ModelLocks`): with `archive_existing`, parallel transitions to Production
         would otherwise each leave their own version there."""
-        async with self._writing(name):
+        async with self._writing(name, actor):
             return await self._transition(name, version, stage, archive_existing, actor.key_id)
 
     async def _transition(
@@ -255,13 +260,13 @@ class RegistryService:
         return zip_stream(self._upstream, plan)
 
     async def set_alias(self, name: str, version: str, alias: str, actor: Caller) -> ModelVersionDetail:
-        async with self._writing(name):
+        async with self._writing(name, actor):
             current = await self.get_version(name, version, fresh=True)
             await self._mlflow.set_alias(name, alias, current.version)
         return await self.get_version(name, current.version, fresh=True)
 
     async def delete_alias(self, name: str, version: str, alias: str, actor: Caller) -> ModelVersionDetail:
-        async with self._writing(name):
+        async with self._writing(name, actor):
             current = await self.get_version(name, version, fresh=True)
             if alias not in current.aliases:
                 raise InvalidRequest(f"Alias {alias!r} does not point to {name}:{current.version}")
@@ -269,17 +274,22 @@ class RegistryService:
         return await self.get_version(name, current.version, fresh=True)
 
     @asynccontextmanager
-    async def _writing(self, name: str | None = None) -> AsyncIterator[None]:
-        """Around every change: the model's lock held (when the name is known), and the read cache dropped
-        afterwards, whether the change completed or not."""
+    async def _writing(self, name: str | None, actor: Caller) -> AsyncIterator[None]:
+        """Around every change: the model's lock held and the change observed for the event log (when the name is
+        known; a registration learns it later, see `_observed`), and the read cache dropped afterwards, whether
+        the change completed or not."""
         try:
             if name is None:
                 yield
             else:
-                async with self._locks.hold(name):
+                async with self._locks.hold(name), self._observed(name, actor):
                     yield
         finally:
             await self.cache.invalidate()
+
+    def _observed(self, name: str, actor: Caller) -> AbstractAsyncContextManager[None]:
+        """The intent recorded before the MLflow calls, the model observed after (events/changes.py)."""
+        return self._changes.change(name, Actor.of(actor)) if self._changes is not None else nullcontext()
 
     async def run_batch(self, operations: list[BatchOperation], stop_on_error: bool, actor: Caller) -> BatchResponse:
         """Each operation in order; a failure is reported in its result (and, with stop_on_error, ends the run)."""
@@ -334,22 +344,24 @@ class RegistryService:
         (keys are per caller: the same Idempotency-Key from another caller is another request)."""
         key_id = actor.id
         if idempotency_key is None:
-            async with self._writing():
-                return await self._register(request)
+            async with self._writing(None, actor):
+                return await self._register(request, actor)
         fingerprint = self._idempotency.fingerprint(request.model_dump())
         reservation = await self._idempotency.reserve(key_id, idempotency_key, fingerprint)
         if not isinstance(reservation, Reservation):
             return RegisterResponse(**reservation)  # the first answer
         try:
-            async with self._writing():
-                answer = await self._register(request, reservation)
+            async with self._writing(None, actor):
+                answer = await self._register(request, actor, reservation)
         except BaseException:
             await self._idempotency.release(reservation)
             raise
         await self._idempotency.complete(reservation, answer.model_dump())
         return answer
 
-    async def _register(self, request: RegisterRequest, reservation: Reservation | None = None) -> RegisterResponse:
+    async def _register(
+        self, request: RegisterRequest, actor: Caller, reservation: Reservation | None = None
+    ) -> RegisterResponse:
         metadata = normalized_contributor_metadata(request.metadata)  # a bad address is a 400 before any change
         resolved = await resolve_source(self._mlflow, request.model_data)
         name = request.model_name or resolved.name
@@ -361,23 +373,24 @@ class RegistryService:
             raise Unprocessable(f"{problem}: give another model_name")
         if len(resolved.source) > MAX_SOURCE_LENGTH:
             raise Unprocessable(f"The model's location is longer than MLflow keeps ({MAX_SOURCE_LENGTH} characters)")
-        await self._mlflow.create_registered_model(name)
-        model_id = await stable_model_id(self._database, self._mlflow, name)
-        created = None
-        if reservation is not None and reservation.taken_over:
-            # The abandoned attempt may have made the version before it died: answer with that one, not a second.
-            created = await self._mlflow.version_tagged(name, REQUEST_TAG, reservation.tag)
-        if created is None:
-            created = await self._mlflow.create_version(
-                name,
-                resolved.source,
-                version_tags(request.model_type, metadata, model_id, reservation.tag if reservation else None),
-                run_id=resolved.run_id,
-                model_id=resolved.model_id,
-            )
+        async with self._observed(name, actor):
+            await self._mlflow.create_registered_model(name)
+            model_id = await stable_model_id(self._database, self._mlflow, name)
+            created = None
+            if reservation is not None and reservation.taken_over:
+                # The abandoned attempt may have made the version before it died: answer with that one, not a second.
+                created = await self._mlflow.version_tagged(name, REQUEST_TAG, reservation.tag)
+            if created is None:
+                created = await self._mlflow.create_version(
+                    name,
+                    resolved.source,
+                    version_tags(request.model_type, metadata, model_id, reservation.tag if reservation else None),
+                    run_id=resolved.run_id,
+                    model_id=resolved.model_id,
+                )
         if self._on_registered is not None and contributor_shares(metadata):
             try:
-                await self._on_registered(name, created.version)
+                await self._on_registered(name, created.version, Actor.of(actor))
             except HokusaiError as exc:  # the version exists: report it; `hokusai contributions rebuild` catches up
                 logger.warning("Contributions of %s:%s not recorded: %s", name, created.version, exc.detail)
         return RegisterResponse(

@@ -1,0 +1,1 @@
+"""Webhook subscriptions and their deliveries: signed (Standard Webhooks), retried, leased across processes."""
