@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import http.server
 import json
@@ -14,8 +15,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -483,3 +486,18 @@ class PrivateRedis:
             self.resume()
             self.process.kill()
             self.process.wait()
+
+
+async def eventually(check: Callable[[], Any], what: str, patience: float = 120.0) -> Any:
+    """Polls `check` (sync or async) until it returns something truthy; fails after `patience` seconds (a bound
+    against hanging, not a timing assertion)."""
+    deadline = time.monotonic() + patience
+    while True:
+        result = check()
+        if asyncio.iscoroutine(result):
+            result = await result
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not within {patience:g} s: {what}")
+        await asyncio.sleep(0.05)

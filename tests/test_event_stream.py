@@ -30,7 +30,7 @@ from hokusai.server.events.outbox import Actor, EventOutbox, NewEvent
 from hokusai.server.events.stream import STREAM_KEY, StreamPublisher
 from hokusai.server.health.service import message_queue_check
 from hokusai.server.redis_breaker import RedisBreaker, redis_retry
-from tests.support import service_environment
+from tests.support import eventually, service_environment
 
 pytestmark = [pytest.mark.redis, pytest.mark.anyio]
 
@@ -46,19 +46,6 @@ def unique_prefix() -> str:
 def redis_client(url: str) -> Redis:
     """As the service makes its client: short timeouts, one retry."""
     return Redis.from_url(url, socket_timeout=0.5, socket_connect_timeout=0.5, retry=redis_retry())
-
-
-async def eventually(check: Callable[[], Any], what: str, deadline: float = DEADLINE_SECONDS) -> Any:
-    """Polls `check` (sync or async) until it returns something truthy."""
-    until = time.monotonic() + deadline
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        assert time.monotonic() < until, f"not within {deadline}s: {what}"
-        await asyncio.sleep(0.05)
 
 
 def new_events(count: int, model: str, type: str = "model_version.created") -> list[NewEvent]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
@@ -386,3 +387,27 @@ def test_settings_know_the_event_options(tmp_path: Path):
     with pytest.raises(ValueError):
         Settings(home=tmp_path, webhook_retry_schedule="soon")
     run_migrations(Settings(home=tmp_path).database_dsn)
+
+
+@pytest.mark.anyio
+async def test_reconciler_takes_in_models_from_before_the_log_silently_then_announces_their_changes(detector_parts):
+    from sqlalchemy import update
+
+    from hokusai.server.db import utcnow
+    from hokusai.server.events.models import EventLogOriginRow, SnapshotModelRow
+
+    mlflow, database = detector_parts
+    names = [unique("events-old") for _ in range(3)]
+    for name in names:
+        await mlflow.create_registered_model(name)
+    async with database.session() as session, session.begin():  # the log began after these models
+        await session.execute(update(EventLogOriginRow).values(started_at=utcnow() + timedelta(seconds=1)))
+    changes = RegistryChanges(mlflow, database, EventOutbox(database), "test-owner", 3600)
+    await changes.reconcile()
+    async with database.session() as session:
+        for name in names:
+            assert await session.get(SnapshotModelRow, name) is not None
+    assert [await _events(database, name) for name in names] == [[], [], []]
+    await mlflow.set_model_tag(names[0], "later", "x")
+    await changes.reconcile()
+    assert [e.type for e in await _events(database, names[0])] == [types.REGISTERED_MODEL_UPDATED]

@@ -35,6 +35,7 @@ from hokusai.server.webhooks.dispatch import WebhookDispatcher
 from hokusai.server.webhooks.models import DeliveryRow, WebhookRow
 from hokusai.server.webhooks.service import WebhookService
 from hokusai.server.webhooks.signing import new_secret, secret_key, sign
+from tests.support import eventually
 from tests.webhook_receiver import Arrival, Receiver
 
 pytestmark = pytest.mark.anyio
@@ -54,20 +55,6 @@ def receiver() -> Any:
 
 
 # Helpers
-
-
-async def eventually(check: Callable[[], Any], what: str, patience: float = PATIENCE) -> Any:
-    """Poll an (async or plain) check until it returns something truthy."""
-    deadline = time.monotonic() + patience
-    while True:
-        result = check()
-        if asyncio.iscoroutine(result):
-            result = await result
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {patience:g} s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def settings_for(tmp_path: Path, **overrides: Any) -> Settings:

@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 CAS_ATTEMPTS = 8  # observations of one model racing each other: each retry reads MLflow again
 STALE_INTENT = timedelta(seconds=30)  # an intent this old belongs to a write that died before observing
 FORGOTTEN_INTENT = timedelta(hours=1)  # ... and this old, with nothing found to pin on it, is dropped
+BASELINE_BATCH = 200  # models taken into the snapshot per transaction by the reconciler
 HINT_DELAY = 1.0  # seconds a hint waits, so the writer's own observation (which knows the actor) usually goes first
 
 
@@ -337,10 +338,14 @@ class RegistryChanges:
         async for version in self._mlflow.every_version():
             versions[version.name].append(version)
         made = 0
+        baselines: list[ModelState] = []
         for model in models:
             current = ModelState.read(model, versions.get(model.name, []))
             snapshot = snapshots.pop(model.name, None)
             before = snapshot[1] if snapshot else None
+            if before is None and current.created_ms < origin_ms and model.name not in stale:
+                baselines.append(current)  # from before the log: taken in silently, many per transaction
+                continue
             if (
                 model.name not in stale
                 and before is not None
@@ -349,6 +354,8 @@ class RegistryChanges:
             ):
                 continue
             made += await self._settle(model.name, snapshot, current, origin_ms)
+        for start in range(0, len(baselines), BASELINE_BATCH):
+            await self._take_in(baselines[start : start + BASELINE_BATCH], origin_ms)
         for name, snapshot in snapshots.items():  # deleted in MLflow
             made += await self._settle(name, snapshot, None, origin_ms)
         async with self._database.session() as session, session.begin():
@@ -356,6 +363,18 @@ class RegistryChanges:
                 delete(ChangeIntentRow).where(ChangeIntentRow.created_at < utcnow() - FORGOTTEN_INTENT)
             )
         return made
+
+    async def _take_in(self, states: list[ModelState], origin_ms: int) -> None:
+        """Snapshots of models the log has never seen and that predate it, in one transaction; should another
+        process take one in meanwhile, each is taken in on its own (compare-and-set)."""
+        try:
+            async with self._database.session() as session, session.begin():
+                for state in states:
+                    session.add(self._model_row(state, 1))
+                    await self._write_versions(session, None, state)
+        except IntegrityError:
+            for state in states:
+                await self._settle(state.name, None, state, origin_ms)
 
     async def _settle(
         self, name: str, snapshot: tuple[int, ModelState] | None, current: ModelState | None, origin_ms: int

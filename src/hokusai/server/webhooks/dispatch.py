@@ -319,7 +319,21 @@ class WebhookDispatcher:
             "lease_expires_at": self._now() + timedelta(seconds=self._settings.webhook_lease_seconds),
         }
 
+    async def _anything_due(self) -> bool:
+        """A read first: most polls find nothing, and on SQLite a claim takes the one write lock even then."""
+        now = self._now()
+        due = (
+            select(DeliveryRow.id)
+            .where(DeliveryRow.status == PENDING, DeliveryRow.next_attempt_at <= now)
+            .where(or_(DeliveryRow.lease_expires_at.is_(None), DeliveryRow.lease_expires_at < now))
+            .limit(1)
+        )
+        async with self._database.session() as session:
+            return (await session.execute(due)).first() is not None
+
     async def _claim(self, room: int) -> list[ClaimedDelivery]:
+        if not await self._anything_due():
+            return []
         async with self._writing() as session:
             if self._postgres:
                 # Rows another process is claiming are skipped, not waited for: it is taking them.
