@@ -411,3 +411,15 @@ async def test_reconciler_takes_in_models_from_before_the_log_silently_then_anno
     await mlflow.set_model_tag(names[0], "later", "x")
     await changes.reconcile()
     assert [e.type for e in await _events(database, names[0])] == [types.REGISTERED_MODEL_UPDATED]
+
+
+def test_a_rename_through_the_gateway_is_the_old_name_deleted_and_the_new_one_created(service, writer, reader):
+    old, new = unique("events-rename"), unique("events-renamed")
+    api = "/mlflow/api/2.0/mlflow/registered-models"
+    assert writer.post(f"{api}/create", json={"name": old}).status_code == 200
+    renamed = writer.post(f"{api}/rename", json={"name": old, "new_name": new})
+    assert renamed.status_code == 200, renamed.text
+    before, after = wait_for_events(reader, old, 2), wait_for_events(reader, new, 1)
+    assert [e["type"] for e in before] == [types.REGISTERED_MODEL_CREATED, types.REGISTERED_MODEL_DELETED]
+    assert [e["type"] for e in after] == [types.REGISTERED_MODEL_CREATED]
+    assert {e["actor"]["kind"] for e in before + after} == {"api_key"}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
@@ -75,17 +76,20 @@ def changes_registry(upstream_path: bytes) -> bool:
     return b"/registered-models" in upstream_path or b"/model-versions" in upstream_path
 
 
-def model_named(body: bytes | AsyncIterator[bytes] | None, query: bytes) -> str | None:
-    """The registered model a registry write names (`name` in its JSON body, else in its query), if any."""
+def models_named(body: bytes | AsyncIterator[bytes] | None, query: bytes) -> list[str]:
+    """The registered models a registry write names: `name` (and a rename's `new_name`) in its JSON body, else
+    `name` in its query."""
     if isinstance(body, bytes) and body:
         try:
             parsed = json.loads(body)
         except ValueError:
             parsed = None
-        if isinstance(parsed, dict) and isinstance(parsed.get("name"), str) and parsed["name"]:
-            return parsed["name"]
-    names = parse_qs(query.decode("latin-1")).get("name")
-    return names[0] if names else None
+        if isinstance(parsed, dict):
+            named = [parsed.get(key) for key in ("name", "new_name")]
+            found = [name for name in named if isinstance(name, str) and name]
+            if found:
+                return list(dict.fromkeys(found))
+    return parse_qs(query.decode("latin-1")).get("name", [])[:1]
 
 
 def gateway_prefix(path: str) -> str | None:
@@ -157,15 +161,14 @@ async def forward(request: Request, prefix: str, caller: Caller, parts: GatewayP
         prefix=prefix,
     )
     query = upstream_query(scope.get("query_string", b""))
-    changed_model = None
+    changed_models: list[str] = []
     if needed is not KeyScope.READ and changes_registry(path) and parts.changes is not None:
-        changed_model = model_named(body, query)
-    if changed_model is None:
+        changed_models = models_named(body, query)
+    async with AsyncExitStack() as observed:
+        for name in changed_models:
+            # Like /models writes: who is about to change the model recorded first, the model observed after.
+            await observed.enter_async_context(parts.changes.change(name, Actor.of(caller)))
         upstream_response = await upstream.open(request.method, path, query, headers, body=body)
-    else:
-        # Like /models writes: who is about to change the model recorded first, the model observed after.
-        async with parts.changes.change(changed_model, Actor.of(caller)):
-            upstream_response = await upstream.open(request.method, path, query, headers, body=body)
     if needed is not KeyScope.READ and changes_registry(path):
         await parts.on_registry_change()
     if _declared_length(upstream_response.headers.get("content-length")) <= SMALL_BODY_BYTES:
