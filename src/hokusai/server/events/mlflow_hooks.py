@@ -14,6 +14,7 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import itertools
 import json
 import logging
 import os
@@ -45,7 +46,8 @@ TIMESTAMP_HEADER = "x-mlflow-timestamp"
 DELIVERY_HEADER = "x-mlflow-delivery-id"
 TOLERANCE_SECONDS = 300
 MAX_HINT_BYTES = 256 * 1024
-SUBSCRIBE_RETRY_SECONDS = 10.0
+SUBSCRIBE_RETRY_SECONDS = 5.0
+QUIET_SUBSCRIBE_ATTEMPTS = 3
 
 
 def secret_file_value(path: Path) -> str:
@@ -102,12 +104,14 @@ class MlflowHooks:
 
     async def _subscribe_until_done(self) -> None:
         """In the background: MLflow may still be starting, or down; changes are reconciled meanwhile anyway."""
-        while True:
+        for attempt in itertools.count(1):
             try:
                 await self.subscribe()
                 return
             except HokusaiError as exc:
-                logger.warning("Subscribing to MLflow's webhooks failed (%s); retrying", exc.detail)
+                # The embedded MLflow is still starting when the service is: a warning only if it stays away.
+                level = logging.INFO if attempt <= QUIET_SUBSCRIBE_ATTEMPTS else logging.WARNING
+                logger.log(level, "Subscribing to MLflow's webhooks failed (%s); retrying", exc.detail)
             await asyncio.sleep(SUBSCRIBE_RETRY_SECONDS)
 
     async def subscribe(self) -> None:

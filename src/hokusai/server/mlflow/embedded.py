@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from hokusai.server.mlflow.launcher import PARENT_VARIABLE
+
 logger = logging.getLogger(__name__)
 
 INITIAL_RESTART_DELAY = 0.5
@@ -109,6 +111,7 @@ class EmbeddedMlflow:
                 env={
                     **{k: v for k, v in os.environ.items() if k != METRICS_DIR_VARIABLE},
                     "PYTHONUNBUFFERED": "1",
+                    PARENT_VARIABLE: str(os.getpid()),  # who it must die with (launcher.die_with_parent)
                     **extra,
                 },
             )

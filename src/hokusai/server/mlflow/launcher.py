@@ -17,13 +17,16 @@ import sys
 import uuid
 
 PR_SET_PDEATHSIG = 1
+PARENT_VARIABLE = "HOKUSAI_MLFLOW_PARENT_PID"
 
 
 def die_with_parent() -> None:
     """Ask Linux to SIGTERM this process when the supervising service dies, even by SIGKILL."""
     if not sys.platform.startswith("linux"):
         return
-    parent = os.getppid()
+    # The pid of the service that started this process, as it said (else the parent now): a service killed while
+    # this interpreter was still starting would leave it adopted by init before any getppid() here could tell.
+    parent = int(os.environ.get(PARENT_VARIABLE) or os.getppid())
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
     if os.getppid() != parent:  # the parent died before prctl took effect

@@ -109,6 +109,12 @@ def event_body(event: EventRow) -> bytes:
     return json.dumps(webhook_body(Event.of(event)), separators=(",", ":")).encode("ascii")
 
 
+def _body_of(event: EventRow, bodies: dict[int, bytes]) -> bytes:
+    if event.seq not in bodies:
+        bodies[event.seq] = event_body(event)
+    return bodies[event.seq]
+
+
 def short(text: str) -> str:
     text = " ".join(text.split())
     return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
@@ -367,6 +373,7 @@ class WebhookDispatcher:
             .where(DeliveryRow.id.in_(ids))
             .order_by(DeliveryRow.event_seq)
         )
+        bodies: dict[int, bytes] = {}  # an event claimed for several webhooks is serialized once
         return [
             ClaimedDelivery(
                 id=delivery.id,
@@ -377,7 +384,7 @@ class WebhookDispatcher:
                 url=url,
                 secret=secret,
                 event_id=delivery.event_id,
-                body=event_body(event) if event is not None else None,
+                body=_body_of(event, bodies) if event is not None else None,
             )
             for delivery, url, secret, event in rows.all()
         ]
