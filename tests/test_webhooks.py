@@ -535,7 +535,7 @@ def test_webhook_crud_shows_the_secret_once(webhook_service, receiver: Receiver)
 
         shown = admin.get(hook_url).json()
         assert "secret" not in shown and shown["url"] == receiver.url("crud")
-        listed = admin.get(WEBHOOKS).json()
+        listed = admin.get(WEBHOOKS).json()["webhooks"]
         assert webhook["id"] in [item["id"] for item in listed]
         assert all("secret" not in item for item in listed)
         assert webhook["secret"] not in admin.get(WEBHOOKS).text

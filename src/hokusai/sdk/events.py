@@ -85,6 +85,11 @@ class Webhook:
 
 
 @dataclass
+class WebhookList:
+    webhooks: list[Webhook]
+
+
+@dataclass
 class WebhookDelivery:
     """One event sent (or to be sent) to one webhook: pending, delivered or dead (dead-lettered after the last
     retry). `event_id` is the webhook-id header of every attempt."""
@@ -177,7 +182,7 @@ class EventOperations(Operations):
         return self._send(Call("POST", f"{self._v1}/webhooks", Webhook, json=body, idempotent=False))
 
     def list_webhooks(self) -> Any:
-        return self._send(Call("GET", f"{self._v1}/webhooks", list[Webhook]))
+        return self._send(Call("GET", f"{self._v1}/webhooks", WebhookList, pick="webhooks"))
 
     def get_webhook(self, webhook_id: str) -> Any:
         return self._send(Call("GET", self._webhook_path(webhook_id), Webhook))

@@ -20,6 +20,7 @@ from hokusai.server.webhooks.schemas import (
     Webhook,
     WebhookCreate,
     WebhookCreated,
+    WebhookList,
     WebhookTestResult,
     WebhookUpdate,
     WebhookUpdated,
@@ -39,9 +40,9 @@ async def create_webhook(body: WebhookCreate, caller: Caller, webhooks: Webhooks
     return WebhookCreated(**Webhook.of(row).model_dump(), secret=secret)
 
 
-@router.get("", response_model=list[Webhook])
-async def list_webhooks(webhooks: Webhooks) -> list[Webhook]:
-    return [Webhook.of(row) for row in await webhooks.list()]
+@router.get("", response_model=WebhookList)
+async def list_webhooks(webhooks: Webhooks) -> WebhookList:
+    return WebhookList(webhooks=[Webhook.of(row) for row in await webhooks.list()])
 
 
 @router.get("/{webhook_id}", response_model=Webhook, responses=NOT_FOUND)

@@ -81,6 +81,12 @@ class Webhook(BaseModel):
         )
 
 
+class WebhookList(BaseModel):
+    """Every subscription (an object, like the other lists, so that fields can be added)."""
+
+    webhooks: list[Webhook]
+
+
 class WebhookCreated(Webhook):
     secret: str = Field(
         description="whsec_...: verifies the webhook-signature of each delivery (Standard Webhooks). Shown once: "
