@@ -14,12 +14,13 @@ from pathlib import Path
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from hokusai.server.config import Settings
-from hokusai.server.db import Database, run_migrations
+from hokusai.server.db import Database, run_migrations, utcnow
 from hokusai.server.events import types
 from hokusai.server.events.changes import RegistryChanges
-from hokusai.server.events.models import EventRow
+from hokusai.server.events.models import ChangeIntentRow, EventRow
 from hokusai.server.events.outbox import MLFLOW_ACTOR, Actor, EventOutbox
 from hokusai.server.events.snapshot import ModelState, diff
 from hokusai.server.mlflow.breaker import CircuitBreaker
@@ -310,6 +311,10 @@ async def test_intent_left_by_a_dead_writer_still_names_its_actor(detector_parts
     writer = Actor("api_key", "writer-key", "key123")
     await changes.intent(name, writer)
     await mlflow.create_registered_model(name)  # ... and the process dies before observing
+    await changes.reconcile()  # a fresh intent: its writer may still observe, the reconciler leaves the model
+    assert await _events(database, name) == []
+    async with database.session() as session, session.begin():  # the writer never did: its intent grows stale
+        await session.execute(update(ChangeIntentRow).values(created_at=utcnow() - timedelta(minutes=5)))
     assert await changes.reconcile() >= 1
     found = await _events(database, name)
     assert [(e.type, e.actor_kind, e.actor_key_id) for e in found] == [

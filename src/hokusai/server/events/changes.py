@@ -304,8 +304,16 @@ class RegistryChanges:
             self._hint_wake.clear()
             await asyncio.sleep(HINT_DELAY)
             names, self._hinted = self._hinted, set()
+            try:
+                _, busy = await self._intents_by_age()
+            except Exception:  # the database is away: observing would fail too; the reconciler catches up
+                logger.warning("Hints about %d models dropped: the database is not answering", len(names))
+                continue
             for name in sorted(names):
-                await self.observe_safely(name)
+                if name in busy:
+                    self.hint(name)  # its writer observes it; looked at again after the next delay
+                else:
+                    await self.observe_safely(name)
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -325,14 +333,7 @@ class RegistryChanges:
         meanwhile by a writer fails the compare-and-set and is observed again on its own."""
         origin_ms = await self._origin()
         snapshots = await self._load_all()
-        async with self._database.session() as session:
-            stale = set(
-                (
-                    await session.execute(
-                        select(ChangeIntentRow.model_name).where(ChangeIntentRow.created_at < utcnow() - STALE_INTENT)
-                    )
-                ).scalars()
-            )
+        stale, busy = await self._intents_by_age()
         models = [model async for model in self._mlflow.every_registered_model()]
         versions: dict[str, list] = defaultdict(list)
         async for version in self._mlflow.every_version():
@@ -342,6 +343,8 @@ class RegistryChanges:
         for model in models:
             current = ModelState.read(model, versions.get(model.name, []))
             snapshot = snapshots.pop(model.name, None)
+            if model.name in busy:
+                continue  # a live writer is between its intent and its own observation: the change is its to tell
             before = snapshot[1] if snapshot else None
             if before is None and current.created_ms < origin_ms and model.name not in stale:
                 baselines.append(current)  # from before the log: taken in silently, many per transaction
@@ -357,12 +360,22 @@ class RegistryChanges:
         for start in range(0, len(baselines), BASELINE_BATCH):
             await self._take_in(baselines[start : start + BASELINE_BATCH], origin_ms)
         for name, snapshot in snapshots.items():  # deleted in MLflow
-            made += await self._settle(name, snapshot, None, origin_ms)
+            if name not in busy:
+                made += await self._settle(name, snapshot, None, origin_ms)
         async with self._database.session() as session, session.begin():
             await session.execute(
                 delete(ChangeIntentRow).where(ChangeIntentRow.created_at < utcnow() - FORGOTTEN_INTENT)
             )
         return made
+
+    async def _intents_by_age(self) -> tuple[set[str], set[str]]:
+        """Models with an intent left by a writer that died (stale), and models a live writer is changing now
+        (fresh intents only): observed by the reconciler, and left to their writer, respectively."""
+        async with self._database.session() as session:
+            rows = (await session.execute(select(ChangeIntentRow.model_name, ChangeIntentRow.created_at))).all()
+        cutoff = utcnow() - STALE_INTENT
+        stale = {name for name, created_at in rows if created_at < cutoff}
+        return stale, {name for name, _ in rows} - stale
 
     async def _take_in(self, states: list[ModelState], origin_ms: int) -> None:
         """Snapshots of models the log has never seen and that predate it, in one transaction; should another
