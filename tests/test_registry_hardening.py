@@ -288,7 +288,10 @@ def test_racing_writes_to_one_model_never_leak_sql(service, keys, reader, mlflow
 
     async def main() -> list[httpx.Response]:
         headers = {"Authorization": f"Bearer {keys['write']}"}
-        async with httpx.AsyncClient(base_url=service.base_url, headers=headers, timeout=120) as client:
+        # Idle connections are dropped before the server's 5 s keep-alive ends: a round's writes take turns for
+        # seconds, and a POST sent on a connection the server is closing fails with no answer (not retried).
+        limits = httpx.Limits(keepalive_expiry=2.0)
+        async with httpx.AsyncClient(base_url=service.base_url, headers=headers, timeout=120, limits=limits) as client:
             return [answer for round_ in range(3) for answer in await race(client, round_)]
 
     try:
