@@ -262,6 +262,26 @@ class ContributorImpact:
     offset: int = 0
 
 
+@dataclass
+class RankedContributor:
+    rank: int  # 1-based over the whole ranking
+    address: str
+    total_improvement_score: float
+    total_contributions: int = 0
+    total_models_improved: int = 0
+    models_improved: list[str] = field(default_factory=list)
+    first_contribution: str | None = None
+    last_contribution: str | None = None
+
+
+@dataclass
+class ContributorLeaderboard:
+    contributors: list[RankedContributor]
+    total: int = 0  # addresses ranked, over every page
+    limit: int = 50
+    offset: int = 0
+
+
 # --- DSPy ----------------------------------------------------------------------------------------------------
 
 

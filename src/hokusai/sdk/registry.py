@@ -22,6 +22,7 @@ from hokusai.sdk.models import (
     BatchResult,
     Comparison,
     ContributorImpact,
+    ContributorLeaderboard,
     Evaluation,
     ImprovementHistory,
     Message,
@@ -142,6 +143,11 @@ class _ModelOperations(EventOperations):
         return self._send(
             Call("GET", f"/models/contributors/{quote(address, safe='')}/impact", ContributorImpact, params=params)
         )
+
+    def contributor_leaderboard(self, limit: int = 50, offset: int = 0) -> Any:
+        """One page of the contributor addresses ranked by total improvement (ties: address ascending)."""
+        params = {"limit": limit, "offset": offset}
+        return self._send(Call("GET", "/models/contributors", ContributorLeaderboard, params=params))
 
 
 def _download_target(dest: str | Path, response_headers: Any, name: str, version: str | int) -> Path:

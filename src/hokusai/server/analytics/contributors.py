@@ -20,7 +20,13 @@ from Crypto.Hash import keccak
 from sqlalchemy import case, delete, func, select, text
 
 from hokusai.server.analytics.models import ContributionRow
-from hokusai.server.analytics.schemas import Contribution, ContributorImpact, ContributorShare
+from hokusai.server.analytics.schemas import (
+    Contribution,
+    ContributorImpact,
+    ContributorLeaderboard,
+    ContributorShare,
+    RankedContributor,
+)
 from hokusai.server.db import Database, utcnow
 from hokusai.server.errors import InvalidRequest
 from hokusai.server.events.outbox import EventOutbox, NewEvent
@@ -30,6 +36,9 @@ CONTRIBUTOR_TAG = "contributor_address"
 CONTRIBUTORS_TAG = "contributors"
 ADDRESS = re.compile(r"^0x[0-9a-fA-F]{40}$")
 WEIGHT_TOLERANCE = 1e-6
+# What a contribution adds to its address's total improvement: its score when positive (a regression is never
+# impact). The impact and the leaderboard both sum this, so their totals agree.
+POSITIVE_SCORE = case((ContributionRow.improvement_score > 0, ContributionRow.improvement_score), else_=0.0)
 
 
 class InvalidAddress(InvalidRequest):
@@ -200,10 +209,9 @@ class ContributionStore:
 
     async def impact(self, address: str, limit: int, offset: int) -> ContributorImpact:
         """Totals over every contribution of the address, and one page of them (newest first); indexed by address."""
-        positive = case((ContributionRow.improvement_score > 0, ContributionRow.improvement_score), else_=0.0)
         totals_query = select(
             func.count(),
-            func.coalesce(func.sum(positive), 0.0),
+            func.coalesce(func.sum(POSITIVE_SCORE), 0.0),
             func.min(ContributionRow.contributed_at),
             func.max(ContributionRow.contributed_at),
         ).where(ContributionRow.address == address)
@@ -250,3 +258,65 @@ class ContributionStore:
             limit=limit,
             offset=offset,
         )
+
+    async def leaderboard(self, limit: int, offset: int) -> ContributorLeaderboard:
+        """One page of the addresses ranked by total improvement (as `impact` computes it), ties by address
+        ascending, and how many addresses there are.
+
+        One query for the page, one for the count. Ranking needs every contribution, so no index spares the grouped
+        scan; the models improved are then read by address (indexed) for the page's addresses only."""
+        total_score = func.coalesce(func.sum(POSITIVE_SCORE), 0.0)
+        # Ties by the address's hex value: its lowercase form is as unique as the checksum form, and compares the
+        # same under SQLite's binary collation and any PostgreSQL collation (the mixed-case form would not).
+        rank = func.row_number().over(order_by=(total_score.desc(), func.lower(ContributionRow.address))).label("rank")
+        page = (
+            select(
+                ContributionRow.address,
+                rank,
+                func.count().label("total_contributions"),
+                total_score.label("total_improvement_score"),
+                func.min(ContributionRow.contributed_at).label("first_contribution"),
+                func.max(ContributionRow.contributed_at).label("last_contribution"),
+            )
+            .group_by(ContributionRow.address)
+            .order_by(rank)
+            .limit(limit)
+            .offset(offset)
+            .cte("leaderboard_page")
+        )
+        # Same definition as impact's total_models_improved: the models where the address's summed score is > 0.
+        improved = (
+            select(ContributionRow.address, ContributionRow.model_name)
+            .where(ContributionRow.address.in_(select(page.c.address)))
+            .group_by(ContributionRow.address, ContributionRow.model_name)
+            .having(func.sum(ContributionRow.improvement_score) > 0)
+            .subquery("improved")
+        )
+        page_query = (
+            select(page, improved.c.model_name)
+            .outerjoin(improved, improved.c.address == page.c.address)
+            .order_by(page.c.rank)
+        )
+        async with self._database.session() as session:
+            rows = (await session.execute(page_query)).all()
+            total = await session.scalar(select(func.count(func.distinct(ContributionRow.address))))
+        ranked: dict[str, RankedContributor] = {}
+        for row in rows:
+            entry = ranked.get(row.address)
+            if entry is None:
+                entry = ranked[row.address] = RankedContributor(
+                    rank=row.rank,
+                    address=row.address,
+                    total_improvement_score=float(row.total_improvement_score),
+                    total_contributions=row.total_contributions,
+                    total_models_improved=0,
+                    models_improved=[],
+                    first_contribution=iso(as_utc(row.first_contribution)),
+                    last_contribution=iso(as_utc(row.last_contribution)),
+                )
+            if row.model_name is not None:
+                entry.models_improved.append(row.model_name)
+        for entry in ranked.values():
+            entry.models_improved.sort()  # in Python: code point order, whichever database's collation
+            entry.total_models_improved = len(entry.models_improved)
+        return ContributorLeaderboard(contributors=list(ranked.values()), total=total or 0, limit=limit, offset=offset)

@@ -23,7 +23,7 @@ from hokusai.server.analytics.contributors import (
 from hokusai.server.analytics.improvement import ImprovementCheck, check_improvement
 from hokusai.server.analytics.lineage import LineageService
 from hokusai.server.analytics.models import ContributionRow
-from hokusai.server.analytics.schemas import ContributorImpact
+from hokusai.server.analytics.schemas import ContributorImpact, ContributorLeaderboard
 from hokusai.server.analytics.versions import MetricDirection, VersionReader, benchmark_step
 from hokusai.server.errors import NotFound
 from hokusai.server.events.outbox import SERVICE_ACTOR, Actor, NewEvent
@@ -142,6 +142,10 @@ class ImpactService:
 
     async def impact(self, address: str, limit: int, offset: int) -> ContributorImpact:
         return await self._store.impact(checksum_address(address), limit, offset)
+
+    async def leaderboard(self, limit: int, offset: int) -> ContributorLeaderboard:
+        """The addresses ranked by total improvement, one page of them (their figures are their impact's)."""
+        return await self._store.leaderboard(limit, offset)
 
     async def record_version(self, name: str, version: str, actor: Actor | None = None) -> int:
         """(Re)record the contributions of one version, announced as `actor` (who registered it; by default the

@@ -13,6 +13,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from hokusai.server.analytics.schemas import (
     Comparison,
     ContributorImpact,
+    ContributorLeaderboard,
     EvaluateRequest,
     Evaluation,
     ImprovementHistory,
@@ -31,6 +32,7 @@ from hokusai.server.registry.inputs import MAX_NAME_LENGTH, MAX_SQL_INTEGER
 read = allow("models:read")
 write = allow("models:write")
 REFERENCE_LENGTH = MAX_NAME_LENGTH + 257  # "name:version" or "name@alias"
+MAX_PAGE_SIZE = 1000  # contributions of an impact page, addresses of a leaderboard page
 
 
 async def compare_models(
@@ -66,10 +68,19 @@ async def get_evaluation(evaluation_id: str, analytics: Analytics) -> Evaluation
 async def contributor_impact(
     address: str,
     analytics: Analytics,
-    limit: int = Query(100, ge=1, le=1000),
+    limit: int = Query(100, ge=1, le=MAX_PAGE_SIZE),
     offset: int = Query(0, ge=0, le=MAX_SQL_INTEGER, description="Contributions to skip (newest first)"),
 ) -> ContributorImpact:
     return await analytics.impact.impact(address, limit, offset)
+
+
+async def contributor_leaderboard(
+    analytics: Analytics,
+    limit: int = Query(50, ge=1, le=MAX_PAGE_SIZE),
+    offset: int = Query(0, ge=0, le=MAX_SQL_INTEGER, description="Ranked addresses to skip"),
+) -> ContributorLeaderboard:
+    """Contributor addresses ranked by total improvement (ties: address ascending), each with its impact's figures."""
+    return await analytics.impact.leaderboard(limit, offset)
 
 
 async def improvement_history(model_id: str, analytics: Analytics) -> ImprovementHistory:
@@ -125,6 +136,14 @@ def build_router(prefix: str) -> APIRouter:
         get_evaluation,
         methods=["GET"],
         response_model=Evaluation,
+        dependencies=[Depends(read)],
+    )
+    router.add_api_route(
+        # One segment: no model route has that shape (theirs are /{model_name}/{version}...), so it hides no model.
+        prefix + "/contributors",
+        contributor_leaderboard,
+        methods=["GET"],
+        response_model=ContributorLeaderboard,
         dependencies=[Depends(read)],
     )
     router.add_api_route(

@@ -147,6 +147,26 @@ class ContributorImpact(BaseModel):
     offset: int
 
 
+class RankedContributor(BaseModel):
+    """One address of the leaderboard, with the figures of its impact (/models/contributors/{address}/impact)."""
+
+    rank: int = Field(description="1-based position over the whole ranking (ties: address ascending)")
+    address: str
+    total_improvement_score: float = Field(description="Sum of the positive scores, as the impact computes it")
+    total_contributions: int
+    total_models_improved: int
+    models_improved: list[str] = Field(description="Models where the address's summed score is above 0, by name")
+    first_contribution: str
+    last_contribution: str
+
+
+class ContributorLeaderboard(BaseModel):
+    contributors: list[RankedContributor]
+    total: int = Field(description="Addresses with at least one contribution")
+    limit: int
+    offset: int
+
+
 EvaluationMetric = Literal[
     "accuracy", "precision", "recall", "f1_score", "roc_auc", "log_loss", "mse", "rmse", "mae", "r2"
 ]

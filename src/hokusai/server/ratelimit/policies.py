@@ -76,7 +76,8 @@ def key_policies(
 # Route templates as the registry routes declare them (without the /api prefix).
 REGISTRATION_ROUTES = ("POST /models/register",)
 LINEAGE_ROUTES = ("GET /models/{model_name}/{version}/lineage", "GET /models/{model_id}/lineage")
-IMPACT_ROUTES = ("GET /models/contributors/{address}/impact",)
+# The leaderboard groups every contribution: it shares the impact's limit (each route has its own counter).
+IMPACT_ROUTES = ("GET /models/contributors/{address}/impact", "GET /models/contributors")
 
 
 def route_limits(registration: str, lineage: str, impact: str, extra: dict[str, str]) -> dict[str, RateLimitItem]:
