@@ -111,6 +111,43 @@ def login(
     typer.echo(f"Logged in to {base}; saved to {path}")
 
 
+def ui(
+    url: str | None = UrlOption,
+    api_key: str | None = KeyOption,
+    page: str = typer.Option("/ui/", "--page", help="Where to land once signed in, e.g. /ui/ or /mlflow/"),
+    open_browser: bool = typer.Option(True, "--open/--no-open", help="Open the browser (else print the link)"),
+) -> None:
+    """Open the dashboard in a browser, signed in with the configured key (through a one-time link: single use,
+    valid 60 s; the key itself never goes into the browser)."""
+    import webbrowser
+
+    import httpx
+
+    from hokusai.sdk.transport import error_from
+
+    credentials = config.resolve(url, api_key)
+    root = credentials.url.removesuffix("/api")  # the sign-in routes are at the service's root
+    with failures_as_exit_codes():
+        if not credentials.api_key:
+            raise AuthenticationError("No API key: pass --api-key or run `hokusai login` first", 401)
+        try:
+            response = httpx.post(
+                f"{root}/login/links",
+                json={"next": page},
+                headers={"Authorization": f"Bearer {credentials.api_key}"},
+                timeout=30,
+            )
+        except httpx.TransportError as exc:
+            raise ConnectionFailed(f"Could not reach {root}: {exc}") from exc
+        if response.status_code != 201:
+            raise error_from(response)
+    link = response.json()["url"]
+    if open_browser and webbrowser.open(link):
+        typer.echo(f"Opened {root}{page} in your browser (the sign-in link works once, within 60 s).")
+    else:
+        typer.echo(link)
+
+
 def health(url: str | None = UrlOption, as_json: bool = JsonOption) -> None:
     """The service's /health (no key needed)."""
     import httpx
@@ -424,6 +461,7 @@ def _reference(reference: str) -> tuple[str, str]:
 def add_client_commands(app: typer.Typer) -> None:
     app.command("login")(login)
     app.command("health")(health)
+    app.command("ui")(ui)
     app.add_typer(models_app, name="models")
     app.add_typer(dspy_app, name="dspy")
     app.add_typer(webhooks_app, name="webhooks")

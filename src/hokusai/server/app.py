@@ -25,6 +25,7 @@ from hokusai.server.openapi import install_openapi
 from hokusai.server.registry.router import build_router as build_registry_router
 from hokusai.server.request_bounds import RequestBoundsMiddleware
 from hokusai.server.runtime import AdminKeyAnnouncer, Runtime
+from hokusai.server.web.signin import router as signin_router
 from hokusai.server.webhooks.router import router as webhooks_router
 
 
@@ -71,6 +72,7 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
     install_error_handlers(app)
     app.include_router(health_router)
     app.include_router(keys_router)
+    app.include_router(signin_router)
     app.include_router(audit_router)
     app.include_router(events_router)
     app.include_router(webhooks_router)

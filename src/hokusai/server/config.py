@@ -132,7 +132,7 @@ class Settings(BaseSettings):
     )
     rate_limit_registration: str = Field("20/minute", description="Per key, POST /models/register")
     rate_limit_lineage: str = Field("100/minute", description="Per key, the two lineage routes")
-    rate_limit_impact: str = Field("100/minute", description="Per key, contributor impact")
+    rate_limit_impact: str = Field("100/minute", description="Per key, contributor impact and the leaderboard")
     rate_limit_routes: dict[str, str] = Field(
         default_factory=dict,
         description='More route policies, JSON: {"GET /models/{model_name}/{version}": "60/minute"}',
@@ -242,6 +242,12 @@ class Settings(BaseSettings):
         "may start at once); false: refuse to start unless `hokusai db upgrade` was run",
     )
     auth_cache_ttl: float = Field(5.0, ge=0, description="Seconds a validated key is trusted without a database read")
+    session_ttl: float = Field(
+        8 * 3600.0,
+        gt=0,
+        le=30 * 24 * 3600.0,
+        description="Seconds a browser session lasts once signed in (it ends sooner if its key is revoked or expires)",
+    )
     audit_retention_days: int = Field(90, ge=1, description="Days the audit log keeps a row (deleted hourly after)")
     improvement_threshold: float = Field(
         0.01,

@@ -15,6 +15,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+
+from hokusai.server.web.browser import SESSION_COOKIE, is_page_load, login_location
 
 INTERNAL_ERROR_DETAIL = "Internal server error"
 
@@ -54,6 +57,13 @@ class AuthenticationError(HokusaiError):
 class ApiKeyRequired(AuthenticationError):
     def __init__(self) -> None:
         super().__init__("API key required")
+
+
+class SessionExpired(AuthenticationError):
+    """Unknown, signed-out and expired sessions, and sessions of revoked keys, all look the same from outside."""
+
+    def __init__(self) -> None:
+        super().__init__("Session expired or signed out: sign in again")
 
 
 class InvalidApiKey(AuthenticationError):
@@ -96,7 +106,23 @@ MLFLOW_ERROR_CODES = {
 }
 
 
-def error_response_for(request: Request, exc: HokusaiError) -> JSONResponse:
+def error_response_for(request: Request, exc: HokusaiError) -> Response:
+    if isinstance(exc, AuthenticationError):
+        return _unauthenticated(request, exc)
+    return _json_error(request, exc)
+
+
+def _unauthenticated(request: Request, exc: AuthenticationError) -> Response:
+    """A browser loading a page is sent to sign in (and back after); API clients get the JSON 401. A session
+    cookie that no longer works is cleared, so the browser stops sending it."""
+    response = RedirectResponse(login_location(request), status_code=303) if is_page_load(request) else None
+    response = response or _json_error(request, exc)
+    if isinstance(exc, SessionExpired):
+        response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+def _json_error(request: Request, exc: HokusaiError) -> JSONResponse:
     body: dict[str, object] = {"detail": exc.detail}
     if request.url.path.startswith(MLFLOW_GATEWAY_PREFIXES):
         body["error_code"] = MLFLOW_ERROR_CODES.get(exc.status_code, "INTERNAL_ERROR")
@@ -104,7 +130,7 @@ def error_response_for(request: Request, exc: HokusaiError) -> JSONResponse:
     return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
-async def _hokusai_error_handler(request: Request, exc: Exception) -> JSONResponse:
+async def _hokusai_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HokusaiError)
     return error_response_for(request, exc)
 
@@ -205,6 +231,8 @@ async def refuse_unencodable_text(request: Request) -> None:
     route = request.scope.get("route")
     if getattr(route, "body_field", None) is None:
         return
+    if "json" not in request.headers.get("content-type", "json"):
+        return  # a form (sign-in, the dashboard's actions): FastAPI parsed it as a stream, no body is kept
     body = await request.body()  # already read by FastAPI: cached, not read again
     if not _SURROGATE_ESCAPE.search(body):
         return

@@ -22,6 +22,7 @@ from hokusai.server.auth.gate import Gate
 from hokusai.server.auth.identity import KeyIdentifier
 from hokusai.server.auth.policy import Policy
 from hokusai.server.auth.service import ApiKeyService, ensure_admin_key
+from hokusai.server.auth.sessions import BrowserSessions
 from hokusai.server.auth.store import ApiKeyStore
 from hokusai.server.buildinfo import BuildInfo, read_build_info
 from hokusai.server.cluster import ClusterBus, ClusterOperation
@@ -55,6 +56,7 @@ class Runtime:
     settings: Settings
     database: Database
     api_keys: ApiKeyService
+    sessions: BrowserSessions
     mlflow: MlflowUpstream
     embedded_mlflow: EmbeddedMlflow | None
     redis: Redis | None
@@ -141,6 +143,8 @@ class Runtime:
         dspy = DspyService(settings, database, analytics.model_files)
         await dspy.start()
         api_keys = ApiKeyService(store, settings.auth_cache_ttl)
+        sessions = BrowserSessions(database, settings.session_ttl, settings.auth_cache_ttl)
+        api_keys.on_revoke(sessions.forget_key)
         rate_limiter = build_rate_limiter(settings, redis_breaker)
         # Operations asked of one process that act on every process's memory; each breaker keeps its own state.
         cluster = ClusterBus(redis, redis_breaker, prefix=settings.redis_key_prefix)
@@ -152,6 +156,7 @@ class Runtime:
             settings=settings,
             database=database,
             api_keys=api_keys,
+            sessions=sessions,
             mlflow=mlflow,
             embedded_mlflow=embedded,
             redis=redis,
@@ -164,7 +169,7 @@ class Runtime:
             started_at=time.monotonic(),
             health_cache=health_cache,
             policy=policy,
-            gate=Gate(KeyIdentifier(api_keys, rate_limiter), Throttle(rate_limiter), policy),
+            gate=Gate(KeyIdentifier(api_keys, rate_limiter, sessions), Throttle(rate_limiter), policy),
             cluster=cluster,
             events=events,
             webhooks=WebhookService(database, settings, events.dispatcher),
@@ -175,6 +180,7 @@ class Runtime:
         `app.dependency_overrides[get_x]`)."""
         state.settings = self.settings
         state.api_keys = self.api_keys
+        state.sessions = self.sessions
         state.rate_limiter = self.rate_limiter
         state.registry = self.registry
         state.analytics = self.analytics

@@ -1,4 +1,4 @@
-"""Caller: who is making a request, once identified (an API key today; a browser session next)."""
+"""Caller: who is making a request, once identified (by an API key, sent in a header or through a browser session)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ from hokusai.server.auth.keys import Scope
 from hokusai.server.auth.store import ApiKeyInfo
 
 CallerKind = Literal["api_key"]
+# How the key reached us: in the request ("key") or through the browser session it signed in ("session").
+Credential = Literal["key", "session"]
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class Caller:
     kind: CallerKind = "api_key"
     rate_limit_per_hour: int | None = None
     address: str | None = None  # the client address the request came from
+    via: Credential = "key"
 
     @property
     def key_id(self) -> str | None:
@@ -28,7 +31,7 @@ class Caller:
         return self.id if self.kind == "api_key" else None
 
     @classmethod
-    def of_key(cls, info: ApiKeyInfo, address: str | None = None) -> Caller:
+    def of_key(cls, info: ApiKeyInfo, address: str | None = None, via: Credential = "key") -> Caller:
         return cls(
             id=info.id,
             name=info.name,
@@ -36,4 +39,5 @@ class Caller:
             kind="api_key",
             rate_limit_per_hour=info.rate_limit_per_hour,
             address=address,
+            via=via,
         )

@@ -24,13 +24,14 @@ class Gate:
         self.throttle = throttle
         self.policy = policy
 
-    async def caller(self, request: Request) -> Caller:
-        """The caller, identified (401) and counted (429); the second call on the same request returns it again."""
+    async def caller(self, request: Request, counted: bool = True) -> Caller:
+        """The caller, identified (401) and counted (429) unless `counted` is False (static assets of the MLflow UI:
+        a page load fetches dozens); the second call on the same request returns it again."""
         already = getattr(request.state, CALLER_STATE_KEY, None)
         if already is not None:
             return already
         identified = await self.identifier.identify(request)
-        limit_headers = await self.throttle.count(request, identified.caller)
+        limit_headers = await self.throttle.count(request, identified.caller) if counted else {}
         response_headers = getattr(request.state, RESPONSE_HEADERS_STATE_KEY, None)
         if response_headers is not None:
             response_headers.extend(limit_headers.items())

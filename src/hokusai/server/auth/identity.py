@@ -1,4 +1,6 @@
-"""Identify: who is calling, from the request's credentials (an API key today; a browser session next).
+"""Identify: who is calling, from the request's credentials: an API key in a header (or the deprecated query
+parameter), else the browser session cookie a key signed in. A header key wins over a cookie, so header-key clients
+are never subject to the cookie's cross-site checks.
 
 Failed attempts are counted per client address: past the budget they are answered 429, and a blocked address
 gets no key looked up in the database either (a key this process validated moments ago is still served: it is no
@@ -14,10 +16,13 @@ from starlette.requests import Request
 
 from hokusai.server.auth.caller import Caller
 from hokusai.server.auth.service import ApiKeyService
-from hokusai.server.errors import ApiKeyRequired, InvalidApiKey
+from hokusai.server.auth.sessions import BrowserSessions
+from hokusai.server.auth.store import ApiKeyInfo
+from hokusai.server.errors import ApiKeyRequired, InvalidApiKey, SessionExpired
 from hokusai.server.ratelimit.service import RequestRateLimiter
+from hokusai.server.web.csrf import refuse_cross_site, session_token
 
-KeySource = Literal["authorization", "x-api-key", "query"]
+KeySource = Literal["authorization", "x-api-key", "query", "session"]
 QUERY_KEY_WARNING = '299 - "The api_key query parameter is deprecated: send the key in the Authorization header"'
 
 
@@ -48,21 +53,37 @@ class Identified:
 
 
 class KeyIdentifier:
-    """Finds the caller's API key and checks it (active, not expired); 401 without a valid key."""
+    """Finds the caller's API key (or session) and checks it (active, not expired); 401 without a valid one."""
 
-    def __init__(self, api_keys: ApiKeyService, limiter: RequestRateLimiter) -> None:
+    def __init__(
+        self, api_keys: ApiKeyService, limiter: RequestRateLimiter, sessions: BrowserSessions | None = None
+    ) -> None:
         self._api_keys = api_keys
         self._limiter = limiter  # counts failed attempts per client address
+        self._sessions = sessions
 
     async def identify(self, request: Request) -> Identified:
         key, source = presented_key(request)
-        if not key or source is None:
-            raise ApiKeyRequired()
         address = client_address(request)
+        if key and source is not None:
+            return Identified(Caller.of_key(await self.check_key(key, address), address), source)
+        token = session_token(request) if self._sessions is not None else None
+        if token is None:
+            raise ApiKeyRequired()
         limiter = self._limiter
         try:
-            info = await self._api_keys.authenticate(key, before_lookup=lambda: limiter.refuse_if_blocked(address))
+            info = await self._sessions.key_of(token, before_lookup=lambda: limiter.refuse_if_blocked(address))
+        except SessionExpired:
+            await limiter.record_auth_failure(address)
+            raise
+        refuse_cross_site(request)  # the cookie rides along with any request a page makes: writes must be ours
+        return Identified(Caller.of_key(info, address, via="session"), "session")
+
+    async def check_key(self, key: str, address: str) -> ApiKeyInfo:
+        """The record of an active key; a failure counts against the client address (429 past its budget)."""
+        limiter = self._limiter
+        try:
+            return await self._api_keys.authenticate(key, before_lookup=lambda: limiter.refuse_if_blocked(address))
         except InvalidApiKey:
             await limiter.record_auth_failure(address)
             raise
-        return Identified(Caller.of_key(info, address), source)

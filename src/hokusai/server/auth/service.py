@@ -27,6 +27,11 @@ class ApiKeyService:
         self._clock = clock
         # key hash -> (record, when read). Bounded and keyed by hash: the plaintext is never kept.
         self._cache: OrderedDict[str, tuple[ApiKeyInfo, float]] = OrderedDict()
+        self._revoke_listeners: list[Callable[[str], None]] = []
+
+    def on_revoke(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(key_id)` when this process revokes a key (the browser sessions forget theirs)."""
+        self._revoke_listeners.append(listener)
 
     async def authenticate(
         self, presented: str, before_lookup: Callable[[], Awaitable[None]] | None = None
@@ -82,6 +87,8 @@ class ApiKeyService:
             logger.info("API key %s revoked by %s %s", key_id, actor.kind, actor.id)
         for key_hash in [h for h, (cached, _) in self._cache.items() if cached.id == key_id]:
             del self._cache[key_hash]
+        for listener in self._revoke_listeners:
+            listener(key_id)
         return info
 
     def _cached(self, key_hash: str) -> ApiKeyInfo | None:

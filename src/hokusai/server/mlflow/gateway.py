@@ -47,6 +47,13 @@ REQUEST_HEADERS_DROPPED = HOP_BY_HOP | frozenset(
 )
 RESPONSE_HEADERS_DROPPED = HOP_BY_HOP | frozenset({"server", "date", "set-cookie"})
 KEY_QUERY_PARAMETER = "api_key"
+# The MLflow UI's page and its bundled scripts, styles and images: what one page load fetches by the dozen.
+STATIC_ASSET_PREFIXES = ("/static-files/",)
+
+
+def is_static_asset(method: str, upstream_path: str) -> bool:
+    """Whether a gateway call fetches the UI's page or its static files (authenticated, but not rate counted)."""
+    return method in ("GET", "HEAD") and (upstream_path in ("", "/") or upstream_path.startswith(STATIC_ASSET_PREFIXES))
 
 
 def required_scope(method: str, upstream_path: str, body: bytes | None = None) -> Scope:

@@ -36,6 +36,7 @@ from hokusai.server.events.outbox import Actor
 from hokusai.server.mlflow.gateway import (
     forwarded_request_headers,
     forwarded_response_headers,
+    is_static_asset,
     required_scope,
     scope_depends_on_body,
     upstream_query,
@@ -131,7 +132,8 @@ class MlflowGateway:
         request = Request(scope, receive)
         parts = self.parts()
         try:
-            response = await forward(request, prefix, await parts.gate.caller(request), parts)
+            counted = not is_static_asset(request.method, scope["path"][len(prefix) :])
+            response = await forward(request, prefix, await parts.gate.caller(request, counted=counted), parts)
         except HokusaiError as exc:
             response = error_response_for(request, exc)
         await response(scope, receive, send)

@@ -1,0 +1,1 @@
+"""The browser side: sign-in with a key (sessions), and the Hokusai dashboard under /ui/."""
