@@ -299,3 +299,22 @@ def test_hokusai_ui_prints_a_link_that_signs_in_once(service):
     refused = run_cli("ui", "--no-open", "--url", service.base_url, "--api-key", "hk_live_bad", env=env)
     assert refused.returncode == 3, refused.stderr
     assert "error:" in refused.stderr
+
+
+@pytest.mark.parametrize(
+    ("scheme", "environment", "secure"),
+    [("http", "development", False), ("https", "development", True), ("http", "production", True)],
+)
+def test_the_cookie_is_secure_behind_https_and_in_production(scheme, environment, secure):
+    from datetime import UTC, datetime
+
+    from starlette.requests import Request
+
+    from hokusai.server.auth.sessions import NewSession
+    from hokusai.server.web.signin import signed_in
+
+    request = Request({"type": "http", "scheme": scheme, "method": "POST", "path": "/login", "headers": []})
+    opened = NewSession("token", None, datetime.now(UTC) + timedelta(hours=1))  # type: ignore[arg-type]
+    cookie = signed_in(request, opened, environment, "/ui/").headers["set-cookie"]
+    assert ("Secure" in cookie) is secure
+    assert "Max-Age=3" in cookie  # about an hour (3599 or 3600 s)

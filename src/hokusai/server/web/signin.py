@@ -77,7 +77,7 @@ def signed_in(request: Request, opened: NewSession, settings_environment: str, n
         path="/",
         httponly=True,
         samesite="lax",
-        secure=request.url.scheme == "https" or settings_environment == "production",
+        secure=request.scope.get("scheme") == "https" or settings_environment == "production",
     )
     return response
 
