@@ -296,6 +296,8 @@ def test_hokusai_ui_prints_a_link_that_signs_in_once(service):
         used = browser_client.get(link)
         assert used.status_code == 303 and used.headers["location"] == "/mlflow/"
         assert browser_client.get(link).status_code == 401
+    logs = service.logs()
+    assert "/login/link/[REDACTED]" in logs and link.rsplit("/", 1)[1] not in logs  # the one-time token is masked
     refused = run_cli("ui", "--no-open", "--url", service.base_url, "--api-key", "hk_live_bad", env=env)
     assert refused.returncode == 3, refused.stderr
     assert "error:" in refused.stderr

@@ -11,6 +11,8 @@ request_id_var: ContextVar[str] = ContextVar("request_id", default="-")
 # Anything shaped like one of our keys is masked, whatever logger or library produced the line.
 _KEY_SHAPE = re.compile(r"hk_(live|test)_[0-9A-Za-z]{4,}")
 _QUERY_KEY = re.compile(r"(api(?:_|%5f)key=)[^&\s\"']*", re.IGNORECASE)
+# A one-time sign-in link is a credential until it is used (`hokusai ui`): its token is not logged either.
+_LOGIN_LINK = re.compile(r"(/login/link/)[^/?\s\"']+")
 
 # Control characters (C0 but tab and newline, DEL, C1) and Unicode line breaks are written as escapes, and every line
 # after a record's first (a traceback, a multi-line message) is indented: a line at column 0 always starts a record,
@@ -21,7 +23,8 @@ CONTINUATION_INDENT = "    "
 
 
 def redact(text: str) -> str:
-    return _QUERY_KEY.sub(r"\1[REDACTED]", _KEY_SHAPE.sub(r"hk_\1_[REDACTED]", text))
+    text = _QUERY_KEY.sub(r"\1[REDACTED]", _KEY_SHAPE.sub(r"hk_\1_[REDACTED]", text))
+    return _LOGIN_LINK.sub(r"\1[REDACTED]", text)
 
 
 def single_line(text: str) -> str:
