@@ -25,6 +25,7 @@ from hokusai.server.openapi import install_openapi
 from hokusai.server.registry.router import build_router as build_registry_router
 from hokusai.server.request_bounds import RequestBoundsMiddleware
 from hokusai.server.runtime import AdminKeyAnnouncer, Runtime
+from hokusai.server.web.dashboard import install_dashboard
 from hokusai.server.web.signin import router as signin_router
 from hokusai.server.webhooks.router import router as webhooks_router
 
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None, announce_admin_key: AdminKeyAnn
     for prefix in ("/models", "/api/models"):  # the production base URL is /api
         app.include_router(build_analytics_router(prefix))  # first: its fixed segments before {model_name}/{version}
         app.include_router(build_registry_router(prefix))
+    install_dashboard(app)  # the /ui/ pages and the public /ui/static/ assets (the login page's too)
     install_openapi(app)  # security schemes, 401/403/429 of guarded routes, the gateway
     # The last added runs first: request context (ids, access log) -> audit (records writes) -> bounds (identify
     # before the body, size and idle bounds) -> the gateway (/mlflow/* and /api/mlflow/*) -> the routes.

@@ -7,12 +7,10 @@ the browser reached us over HTTPS (through a proxy with proxy_headers) or in pro
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from fastapi.templating import Jinja2Templates
 from pydantic import BaseModel, Field
 
 from hokusai.server.auth.identity import KeyIdentifier, client_address
@@ -22,8 +20,8 @@ from hokusai.server.errors import InvalidApiKey
 from hokusai.server.ratelimit.service import RateLimited
 from hokusai.server.web.browser import LOGIN_PATH, SESSION_COOKIE, local_path
 from hokusai.server.web.csrf import check_form_token, refuse_cross_site, session_token
+from hokusai.server.web.templating import templates
 
-TEMPLATES = Jinja2Templates(directory=str(Path(__file__).parent / "templates"))
 # The sign-in pages run no inline script and load nothing from elsewhere; nobody may frame them (clickjacking).
 PAGE_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
@@ -57,7 +55,7 @@ class LoginLinkResponse(BaseModel):
 
 
 def login_page(request: Request, next_path: str, error: str | None = None, status_code: int = 200) -> HTMLResponse:
-    return TEMPLATES.TemplateResponse(
+    return templates.TemplateResponse(
         request,
         "login.html",
         {"next": next_path, "error": error},
