@@ -20,15 +20,7 @@ from hokusai.server.errors import InvalidApiKey
 from hokusai.server.ratelimit.service import RateLimited
 from hokusai.server.web.browser import LOGIN_PATH, SESSION_COOKIE, local_path
 from hokusai.server.web.csrf import check_form_token, refuse_cross_site, session_token
-from hokusai.server.web.templating import templates
-
-# The sign-in pages run no inline script and load nothing from elsewhere; nobody may frame them (clickjacking).
-PAGE_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
-    "X-Frame-Options": "DENY",
-    "Referrer-Policy": "same-origin",
-    "Cache-Control": "no-store",
-}
+from hokusai.server.web.templating import PAGE_HEADERS, templates
 
 router = APIRouter(tags=["sign-in"])
 

@@ -24,3 +24,12 @@ environment = jinja2.Environment(
 )
 environment.globals["static_url"] = STATIC_URL
 templates = Jinja2Templates(env=environment)
+
+# The pages run no inline script and load nothing from elsewhere; nobody may frame them (clickjacking), and a page
+# that shows a session's data is not kept by caches.
+PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "same-origin",
+    "Cache-Control": "no-store",
+}

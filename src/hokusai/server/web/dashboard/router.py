@@ -36,7 +36,7 @@ from hokusai.server.registry.inputs import (
 from hokusai.server.registry.schemas import STAGES, AnyCaseStage, ModelVersionUpdate
 from hokusai.server.web import csrf
 from hokusai.server.web.dashboard import views
-from hokusai.server.web.templating import templates
+from hokusai.server.web.templating import PAGE_HEADERS, templates
 
 ReadModels = Annotated[CallerRecord, Depends(allow("models:read"))]
 WriteModels = Annotated[CallerRecord, Depends(allow("models:write"))]
@@ -101,7 +101,7 @@ def page_context(request: Request, caller: CallerRecord | None, active: str, **v
 
 
 def render(request: Request, template: str, context: dict[str, Any], status_code: int = 200) -> HTMLResponse:
-    return templates.TemplateResponse(request, template, context, status_code=status_code)
+    return templates.TemplateResponse(request, template, context, status_code=status_code, headers=PAGE_HEADERS)
 
 
 def error_page(
