@@ -8,7 +8,7 @@ import re
 import pytest
 
 from hokusai.server.auth.keys import Scope
-from hokusai.server.mlflow.gateway import UNCLASSIFIED_ROUTE
+from hokusai.server.mlflow.gateway import NO_SUCH_ROUTE, UNCLASSIFIED_ROUTE
 from hokusai.server.mlflow.route_list import mlflow_routes
 from hokusai.server.mlflow.scopes import GRAPHQL, MLFLOW_SCOPES, TABLE_FILE, UNREVIEWED
 
@@ -135,11 +135,15 @@ def test_an_unclassified_route_is_refused_even_to_an_admin(service):
         for method, path in [
             ("POST", "/mlflow/api/2.0/mlflow/traces/batch-get"),
             ("DELETE", "/mlflow/api/2.0/mlflow/runs/get"),
-            ("GET", "/api/mlflow/api/2.0/mlflow/no-such-route"),
         ]:
             response = admin.request(method, path)
             assert response.status_code == 403, (method, path, response.text)
             assert response.json()["detail"] == UNCLASSIFIED_ROUTE
+        # A path MLflow does not serve at all: not found, as MLflow itself says (the UI probes such paths).
+        for path in ("/api/mlflow/api/2.0/mlflow/no-such-route", "/mlflow/ajax-api/2.0/mlflow/users/current"):
+            response = admin.get(path)
+            assert response.status_code == 404, (path, response.text)
+            assert response.json()["detail"] == NO_SUCH_ROUTE
 
 
 def test_admin_routes_need_an_admin_key(writer, service):

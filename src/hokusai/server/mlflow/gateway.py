@@ -6,10 +6,20 @@ from __future__ import annotations
 from urllib.parse import unquote, unquote_to_bytes
 
 from hokusai.server.auth.keys import Scope
-from hokusai.server.errors import InvalidRequest, PermissionDenied
+from hokusai.server.errors import InvalidRequest, NotFound, PermissionDenied
 from hokusai.server.mlflow.scopes import GRAPHQL, MLFLOW_SCOPES, graphql_scope
 
 UNCLASSIFIED_ROUTE = "This MLflow route is not classified for the gateway; it is refused until it is reviewed"
+NO_SUCH_ROUTE = "MLflow serves no such route"
+
+
+class MlflowRouteNotFound(NotFound):
+    """A path no MLflow route serves, by any method: MLflow would answer 404 (the UI probes a few such paths, e.g.
+    `users/current` of MLflow's optional auth app, and expects exactly that)."""
+
+    def __init__(self) -> None:
+        super().__init__(NO_SUCH_ROUTE)
+
 
 HOP_BY_HOP = frozenset(
     {
@@ -59,10 +69,14 @@ def is_static_asset(method: str, upstream_path: str) -> bool:
 def required_scope(method: str, upstream_path: str, body: bytes | None = None) -> Scope:
     """The scope MLflow's route needs, from the reviewed table (scopes.py); for GraphQL, that of the operation in
     `body`. `upstream_path` is the raw path: it is decoded once, as MLflow's server decodes it before routing.
-    A route the table does not classify is refused (PermissionDenied)."""
-    rule = MLFLOW_SCOPES.lookup(method, unquote(upstream_path))
+    A route the table does not classify is refused (PermissionDenied); a path MLflow does not serve at all is
+    MlflowRouteNotFound (404)."""
+    decoded = unquote(upstream_path)
+    rule = MLFLOW_SCOPES.lookup(method, decoded)
     if rule is None:
-        raise PermissionDenied(UNCLASSIFIED_ROUTE)
+        # A path MLflow serves by another method, or by a route not yet reviewed, is refused; one it does not serve
+        # at all is not found, as MLflow itself would say.
+        raise PermissionDenied(UNCLASSIFIED_ROUTE) if MLFLOW_SCOPES.serves(decoded) else MlflowRouteNotFound()
     if rule == GRAPHQL:
         if body is None:
             raise InvalidRequest("GraphQL request body must be JSON")

@@ -60,6 +60,11 @@ class ScopeTable:
             ]
         )
 
+    def serves(self, path: str) -> bool:
+        """Whether MLflow serves `path` (decoded) by any method: a path it does not serve is answered 404 by MLflow
+        itself, so the gateway may answer so too, without asking it."""
+        return any(self._match(method, path) is not None for method in self._methods)
+
     def lookup(self, method: str, path: str) -> RouteRule | None:
         """The rule of (method, decoded path), or None when MLflow serves no such route (or it is unreviewed).
 
@@ -67,8 +72,7 @@ class ScopeTable:
         path some method is served on. Where templates overlap, the strictest match wins.
         """
         if method == "OPTIONS":
-            served = any(self._match(known, path) is not None for known in self._methods)
-            return Scope.READ if served else None
+            return Scope.READ if self.serves(path) else None
         return self._match("GET" if method == "HEAD" else method, path)
 
     def _match(self, method: str, path: str) -> RouteRule | None:
