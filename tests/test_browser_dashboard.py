@@ -72,6 +72,17 @@ def sign_in(page: Page, key: str, path: str = "/ui/") -> None:
     page.wait_for_url(lambda url: urlsplit(url).path != "/login")
 
 
+def show(page: Page, name: str) -> None:
+    """Screenshots at both widths, and the page fits a 390 px phone: only wide tables scroll, inside their frame."""
+    screenshot(page, name)
+    page.set_viewport_size({"width": 390, "height": 844})
+    try:
+        overflow = page.evaluate("() => document.documentElement.scrollWidth - document.documentElement.clientWidth")
+        assert overflow <= 0, f"{name}: the page is {overflow} px wider than a 390 px screen"
+    finally:
+        page.set_viewport_size(DESKTOP_VIEWPORT)
+
+
 def assert_nothing_refused(log: NetworkLog) -> None:
     assert not log.refused(), log.describe(log.refused())
 
@@ -79,8 +90,12 @@ def assert_nothing_refused(log: NetworkLog) -> None:
 def test_the_dashboard_pages_render_real_data_for_a_signed_in_read_key(browser, service, keys, reader, scenario):
     context, page, log = new_context(browser, service)
     try:
+        page.goto("/login")
+        show(page, "ui-login")
         sign_in(page, keys["read"])
-        screenshot(page, "ui-models")
+        show(page, "ui-models")
+        page.keyboard.press("Tab")  # the first stop of the keyboard is the skip link to the content
+        assert page.evaluate("() => document.activeElement.getAttribute('href')") == "#main"
         expect(page.locator(f'tr[data-model="{MODEL}"]')).to_be_visible()
         expect(page.locator("p.signed-in")).to_contain_text("read")
 
@@ -93,11 +108,11 @@ def test_the_dashboard_pages_render_real_data_for_a_signed_in_read_key(browser, 
         for number, version in zip(("1", "2"), scenario["versions"], strict=True):
             assert float(plotted[number]) == pytest.approx(version["metrics"]["val_accuracy"])
         expect(page.get_by_role("button", name="Move")).to_have_count(0)  # a read key gets no actions
-        screenshot(page, "ui-model")
+        show(page, "ui-model")
 
         page.goto(f"/ui/models/{MODEL}/compare?a=1&b=2")
         expect(page.locator("table").first).to_contain_text("val_accuracy")
-        screenshot(page, "ui-compare")
+        show(page, "ui-compare")
 
         page.goto("/ui/contributors?limit=200")
         rows = page.locator("#leaderboard-table tbody tr")
@@ -107,16 +122,16 @@ def test_the_dashboard_pages_render_real_data_for_a_signed_in_read_key(browser, 
         ours = page.locator(f'#leaderboard-table tr[data-address="{ranked_address(ranked)}"]')
         impact = reader.get(f"/models/contributors/{CONTRIBUTOR}/impact").json()
         assert float(ours.get_attribute("data-score")) == pytest.approx(impact["total_improvement_score"])
-        screenshot(page, "ui-contributors")
+        show(page, "ui-contributors")
 
         ours.get_by_role("link").first.click()
         expect(page.locator("h1")).to_contain_text(impact["address"])
-        screenshot(page, "ui-contributor")
+        show(page, "ui-contributor")
 
         for path, name in (("/ui/dspy", "ui-dspy"), ("/ui/health", "ui-health")):
             page.goto(path)
             expect(page.locator("main h1")).to_be_visible()
-            screenshot(page, name)
+            show(page, name)
         assert_nothing_refused(log)
     finally:
         context.close()
