@@ -31,6 +31,8 @@ MODEL = "browser-dashboard"
 CONTRIBUTOR = "0x" + "b40e5e12" * 5
 PATIENCE_MS = 60_000  # a bound against hanging on a loaded machine, not a timing assertion
 pytestmark = pytest.mark.slow
+# Assertions wait as long as actions do (Playwright's own default for `expect` is 5 s: too short for a loaded CI).
+expect.set_options(timeout=PATIENCE_MS)
 
 
 @pytest.fixture(scope="module")
