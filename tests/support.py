@@ -308,6 +308,9 @@ class ServiceFactory:
         overrides = {"HOKUSAI_HOME": str(home), "HOKUSAI_PORT": str(port), "HOKUSAI_ENVIRONMENT": "test"}
         if admin_key:
             overrides["HOKUSAI_BOOTSTRAP_ADMIN_KEY"] = admin_key
+        # A spare model worker (~10 s of CPU to import MLflow and scikit-learn) for every test service that registers
+        # a version would cost the 2-core suite minutes: the tests of spares ask for them.
+        settings.setdefault("model_spare_workers", "0")
         overrides.update({f"HOKUSAI_{name.upper()}": value for name, value in settings.items()})
         env = service_environment(**overrides)
         log_path = home / "service.log"

@@ -11,9 +11,13 @@ import subprocess
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
+import httpx
 import pytest
 
+from hokusai.server.models.files import cache_directory_name
+from hokusai.server.registry.download import served_artifact_root
 from tests.support import (
     benchmark_metadata,
     run_analytics_scenario,
@@ -46,6 +50,89 @@ def scenario(service, keys, writer) -> dict:
     assert [r["version"] for r in registered] == ["1", "2"]
     logged["model_id"] = registered[0]["model_id"]
     return logged
+
+
+def cached_files(service, mlflow_server, name: str, version: str) -> Path:
+    """Where the service keeps the version's files: HOME/model-cache/<a directory named for the version>."""
+    answer = httpx.get(
+        f"{mlflow_server.url}/api/2.0/mlflow/model-versions/get-download-uri",
+        params={"name": name, "version": version},
+    )
+    answer.raise_for_status()
+    root = served_artifact_root(answer.json()["artifact_uri"])
+    return service.home / "model-cache" / cache_directory_name(name, version, root)
+
+
+def wait_for_path(path: Path) -> None:
+    deadline = time.monotonic() + 120  # a bound on waiting, not a measure of speed
+    while not path.is_dir():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.1)
+
+
+def test_registered_versions_are_fetched_ahead_of_their_first_call(service, mlflow_server, scenario):
+    """Issue 17: registering a version fetches its files in the background; nothing of this module has asked for
+    either version's files yet (this test runs first)."""
+    for version in ("1", "2"):
+        directory = cached_files(service, mlflow_server, MODEL, version)
+        wait_for_path(directory)
+        assert (directory / "MLmodel").is_file()
+
+
+def test_a_version_entering_production_is_fetched_ahead_and_its_first_call_loads_it(
+    service, mlflow_server, writer, reader, scenario
+):
+    """A version made in MLflow directly is not fetched until it enters Production through the service; its first
+    predict then only loads it (`loaded`), later ones do not."""
+    name = "analytics-production-prefetch"
+    api = f"{mlflow_server.url}/api/2.0/mlflow"
+    model_uri = scenario["versions"][0]["model_uri"]
+    httpx.post(f"{api}/registered-models/create", json={"name": name}).raise_for_status()
+    made = httpx.post(
+        f"{api}/model-versions/create",
+        json={"name": name, "source": model_uri, "model_id": model_uri.removeprefix("models:/")},
+    )
+    made.raise_for_status()
+    version = made.json()["model_version"]["version"]
+    directory = cached_files(service, mlflow_server, name, version)
+    assert not directory.exists()
+    moved = writer.post(f"/models/{name}/{version}/transition", json={"stage": "Production"})
+    assert moved.status_code == 200, moved.text
+    wait_for_path(directory)
+    rows = scenario["versions"][0]["first_rows"]
+    first = reader.post(f"/models/{name}/{version}/predict", json={"inputs": rows})
+    assert first.status_code == 200, first.text
+    assert first.json()["loaded"] is True and first.json()["load_ms"] > 0
+    assert first.json()["predictions"] == scenario["versions"][0]["first_predictions"]
+    again = reader.post(f"/models/{name}/{version}/predict", json={"inputs": rows}).json()
+    assert again["loaded"] is False and again["load_ms"] is None
+
+
+@pytest.mark.anyio
+async def test_prefetch_skips_a_version_larger_than_the_model_cache(mlflow_server, scenario, tmp_path):
+    """HOKUSAI_MODEL_CACHE_MAX_BYTES bounds what is fetched ahead: a version that could not stay is left to its
+    first call."""
+    from hokusai.server.mlflow.breaker import CircuitBreaker
+    from hokusai.server.mlflow.upstream import MlflowUpstream
+    from hokusai.server.models.files import ModelFiles
+
+    upstream = MlflowUpstream(mlflow_server.url, 30, breaker=CircuitBreaker())
+    try:
+        small = ModelFiles(upstream, tmp_path / "small", max_bytes=100)
+        small.prefetch(MODEL, "1")
+        await small.prefetched()
+        assert not list((tmp_path / "small").glob("*"))
+        roomy = ModelFiles(upstream, tmp_path / "roomy", max_bytes=10**9)
+        roomy.prefetch(MODEL, "1")
+        roomy.prefetch(MODEL, "1")  # asked twice while queued: fetched once
+        await roomy.prefetched()
+        (fetched,) = (tmp_path / "roomy").iterdir()
+        assert (fetched / "MLmodel").is_file()
+        assert await roomy.local_copy(MODEL, "1") == fetched  # the first call finds it
+        await roomy.aclose()
+        await small.aclose()
+    finally:
+        await upstream.aclose()
 
 
 def test_compare_reports_the_logged_differences(reader, scenario):

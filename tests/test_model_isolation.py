@@ -134,7 +134,13 @@ def markers():
 @pytest.fixture(scope="module")
 def isolated(start_service, mlflow_server, tmp_path_factory, markers) -> ServiceProcess:
     """A service with a short call timeout, and the four models registered in it."""
-    service = start_service(process=True, mlflow_url=mlflow_server.url, model_call_timeout="3", model_workers="2")
+    service = start_service(
+        process=True,
+        mlflow_url=mlflow_server.url,
+        model_call_timeout="3",
+        model_workers="2",
+        model_spare_workers="1",  # the product's default (the test services start none; see tests/support.py)
+    )
     sources = tmp_path_factory.mktemp("model-code")
     files = {}
     for key, body in MODEL_CODE.items():
@@ -175,6 +181,34 @@ def isolated(start_service, mlflow_server, tmp_path_factory, markers) -> Service
 def predict(service: ServiceProcess, model: str, timeout: float = 120):
     with service.client(service.write_key) as client:
         return client.post(f"/models/isolation-{model}/1/predict", json={"inputs": ROWS}, timeout=timeout)
+
+
+def worker_processes(service: ServiceProcess) -> list[psutil.Process]:
+    children = psutil.Process(service.process.pid).children()
+    return [child for child in children if "hokusai.server.models.worker" in " ".join(child.cmdline())]
+
+
+def test_registration_fetches_the_files_and_starts_a_spare_worker_that_takes_the_first_call(isolated, markers):
+    """Issue 17, before any call in this service: registering the versions fetched their files in the background and
+    started one spare worker (HOKUSAI_MODEL_SPARE_WORKERS), holding no model; the first call of a version no worker
+    holds loads it in that spare, not in a process started for the call."""
+    cache = isolated.home / "model-cache"
+    deadline = time.monotonic() + 120  # a bound on waiting, not a measure of speed
+    while len([entry for entry in cache.iterdir() if entry.is_dir() and "." not in entry.name]) < len(MODEL_CODE):
+        assert time.monotonic() < deadline, sorted(entry.name for entry in cache.iterdir())
+        time.sleep(0.1)
+    (spare,) = worker_processes(isolated)
+    with isolated.client(isolated.write_key) as client:
+        body = {"model_data": "models:/isolation-marker/1", "model_type": "test", "model_name": "isolation-fresh"}
+        assert client.post("/models/register", json=body).status_code == 201
+        first = client.post("/models/isolation-fresh/1/predict", json={"inputs": ROWS}, timeout=120)
+    assert first.status_code == 200, first.text
+    assert first.json()["loaded"] is True and first.json()["predictions"] == [3.0, 7.5]
+    assert json.loads((markers / "marker.json").read_text())["pid"] == spare.pid
+    deadline = time.monotonic() + 120
+    while len(worker_processes(isolated)) < 2:  # the spare taken is replaced
+        assert time.monotonic() < deadline, "no spare started after the first was taken"
+        time.sleep(0.1)
 
 
 def test_model_code_runs_in_a_worker_without_the_service_secrets(isolated, markers):
@@ -277,6 +311,45 @@ class Model(mlflow.pyfunc.PythonModel):
 
 set_model(Model())
 """
+
+
+@pytest.mark.anyio
+@pytest.mark.filterwarnings("ignore::UserWarning")
+async def test_a_spare_worker_waits_with_mlflow_imported_and_takes_the_first_call(tmp_path):
+    """Issue 17: a pool keeping a spare starts none for a HOME that never served a model (most processes never
+    predict), starts one at once for a HOME whose cache holds models (a restart); the spare greets with MLflow and
+    scikit-learn imported, loads the first model asked for, and another spare takes its place."""
+    import mlflow.pyfunc
+
+    from hokusai.server.models.files import readable_to_workers
+    from hokusai.server.models.pool import ModelSource, ModelWorkerPool, WorkerLimits
+
+    limits = WorkerLimits(4 * 2**30, 30, 120, "nobody")
+    cache = tmp_path / "home" / "model-cache"
+    unused = ModelWorkerPool(1, cache, tmp_path / "home", limits, spare_workers=1)
+    await unused.start()
+    assert unused.worker_pids() == []
+    await unused.aclose()
+
+    code = tmp_path / "pid_model.py"
+    code.write_text(PID_MODEL)
+    mlflow.pyfunc.save_model(str(cache / "first"), python_model=str(code))
+    readable_to_workers(cache / "first")
+    pool = ModelWorkerPool(1, cache, tmp_path / "home", limits, spare_workers=1)
+    await pool.start()
+    rows = json.dumps([{"x": 1}]).encode()
+    try:
+        (spare,) = await pool.spares_ready()
+        assert pool.worker_pids() == [spare["pid"]]
+        assert {"mlflow.pyfunc", "pandas", "pyarrow", "sklearn", "mlflow.sklearn"} <= set(spare["imported"])
+        answer = await pool.run(ModelSource("m:1", cache / "first"), "predict", "json", rows)
+        assert answer.loaded and answer.load_ms > 0 and answer.data == [spare["pid"]]
+        (replacement,) = await pool.spares_ready()
+        assert replacement["pid"] != spare["pid"]
+        assert sorted(pool.worker_pids()) == sorted([spare["pid"], replacement["pid"]])
+    finally:
+        await pool.aclose()
+    assert not [pid for pid in (spare["pid"], replacement["pid"]) if psutil.pid_exists(pid)]
 
 
 @pytest.mark.anyio

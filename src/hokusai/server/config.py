@@ -193,6 +193,18 @@ class Settings(BaseSettings):
         False,
         description="Let model code reach the network; else (as root) workers run in an empty network namespace",
     )
+    model_spare_workers: int = Field(
+        1,
+        ge=0,
+        le=16,
+        description="Model workers kept started ahead (MLflow and common flavours imported), so a version's first "
+        "call only loads it; started once a process serves models. 0: a worker starts within the call",
+    )
+    model_prefetch: bool = Field(
+        True,
+        description="Fetch a version's files in the background when it is registered or enters Production (one "
+        "at a time, none larger than HOKUSAI_MODEL_CACHE_MAX_BYTES)",
+    )
     production_metrics_window: float = Field(
         3600.0, gt=0, description="Seconds of prediction records behind production_metrics"
     )

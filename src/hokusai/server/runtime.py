@@ -139,6 +139,7 @@ class Runtime:
             policy=policy,
             idempotency_pending_seconds=settings.idempotency_pending_seconds,
             changes=events.changes,
+            on_expected=analytics.predictions.expect,  # fetch its files, keep a spare worker (issue 17)
         )
         dspy = DspyService(settings, database, analytics.model_files)
         await dspy.start()

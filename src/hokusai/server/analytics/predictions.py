@@ -3,6 +3,8 @@ service database, and the history and production metrics computed from those rec
 
 The version's files are fetched through the one upstream client (models/files.py); the rows go to a worker as the
 caller sent them (JSON) and the predictions come back as JSON. Nothing of the model is loaded in this process.
+A version registered or moved to Production is expected to be called (`expect`): its files are fetched and a spare
+worker started ahead, in the background, so its first call only loads the model.
 """
 
 from __future__ import annotations
@@ -127,11 +129,22 @@ def _utc_day(column: Any, dialect: str) -> Any:
 
 
 class PredictionService:
-    def __init__(self, files: ModelFiles, pool: ModelWorkerPool, store: PredictionStore, max_rows: int) -> None:
+    def __init__(
+        self, files: ModelFiles, pool: ModelWorkerPool, store: PredictionStore, max_rows: int, prefetch: bool = True
+    ) -> None:
         self.files = files
         self.pool = pool
         self.store = store
         self._max_rows = max_rows
+        self._prefetch = prefetch
+
+    def expect(self, name: str, version: str) -> None:
+        """The version was registered or entered Production: calls may follow. Fetch its files (HOKUSAI_MODEL_PREFETCH)
+        and keep spare workers (HOKUSAI_MODEL_SPARE_WORKERS) from now on, both in the background: this returns at
+        once and never fails its caller (the registration or transition is done either way)."""
+        self.pool.warm()
+        if self._prefetch:
+            self.files.prefetch(name, version)
 
     async def predict(
         self, name: str, version: str, inputs: list[dict[str, Any]] | dict[str, list[Any]]

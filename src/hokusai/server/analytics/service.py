@@ -54,6 +54,7 @@ class ModelAnalytics:
                 user=settings.model_worker_user,
                 network=settings.model_worker_network,
             ),
+            spare_workers=settings.model_spare_workers,
         )
         files = ModelFiles(upstream, cache_dir, settings.model_cache_max_bytes, in_use=workers.loaded_directories)
         prediction_store = PredictionStore(database)
@@ -71,7 +72,9 @@ class ModelAnalytics:
                 outbox=outbox,
             ),
             performance=PerformanceService(reader, prediction_store, settings.production_metrics_window),
-            predictions=PredictionService(files, workers, prediction_store, settings.prediction_max_rows),
+            predictions=PredictionService(
+                files, workers, prediction_store, settings.prediction_max_rows, prefetch=settings.model_prefetch
+            ),
             lineage=lineage,
             impact=ImpactService(
                 reader, lineage, ContributionStore(database, outbox), direction, settings.improvement_threshold
@@ -86,4 +89,5 @@ class ModelAnalytics:
 
     async def aclose(self) -> None:
         await self.evaluations.aclose()
+        await self.model_files.aclose()
         await self.model_workers.aclose()

@@ -7,8 +7,14 @@ loaded when one is idle, else to a fresh worker, else replaces the least recentl
 
 A call that outlives its timeout costs its worker (SIGKILL, a fresh one takes the slot), and so does a worker that
 dies (segfault, kernel OOM kill, the CPU-seconds limit); the caller gets 504 or 502, the API process goes on.
-Workers start on the first model call (not with the service: most processes never predict), are replaced eagerly,
-and are stopped with the pool; they also die with the API process (PR_SET_PDEATHSIG, in worker.py).
+Workers are stopped with the pool; they also die with the API process (PR_SET_PDEATHSIG, in worker.py).
+
+Starting a worker (a Python process importing MLflow, pandas and the common flavours) takes seconds, so the pool
+keeps `spare_workers` started ahead, holding no model: a call for a version no worker has loaded takes a spare and
+only loads its model, and another spare starts in the background. Spares start once the process shows it serves
+models (`warm()`: a version registered or moved to Production, the first model call, or a model cache that holds
+files at start), not with every service: most processes never predict. Without spares, a fresh process starts in
+the call that needs it (and eagerly in the slot of one that was replaced).
 """
 
 from __future__ import annotations
@@ -129,6 +135,18 @@ class WorkerProcess:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
+    @property
+    def started(self) -> bool:
+        """It has greeted: MLflow and the flavours are imported, a model can be loaded at once."""
+        return self._started.done() and not self.failed
+
+    @property
+    def failed(self) -> bool:
+        """It could not start, or its process has ended since."""
+        if self._started.done() and (self._started.cancelled() or self._started.exception() is not None):
+            return True
+        return self._process is not None and self._process.returncode is not None
+
     async def ready(self, timeout: float) -> None:
         await asyncio.wait_for(asyncio.shield(self._started), timeout)
 
@@ -184,8 +202,11 @@ class _Slot:
 
 
 class ModelWorkerPool:
-    def __init__(self, size: int, cache_dir: Path, home: Path, limits: WorkerLimits) -> None:
+    def __init__(self, size: int, cache_dir: Path, home: Path, limits: WorkerLimits, spare_workers: int = 0) -> None:
         self._slots = [_Slot() for _ in range(size)]
+        self._spare_workers = spare_workers
+        self._spares: list[WorkerProcess] = []  # started, holding no model, in the order they were started
+        self._warm = False  # spares wanted: the process serves models
         self._cache_dir = cache_dir
         self._home = home
         self._limits = limits
@@ -223,6 +244,42 @@ class ModelWorkerPool:
                 os.geteuid(),
             )
             refuse_inspection_by_same_user()
+        if self._spare_workers and await anyio.to_thread.run_sync(_holds_models, self._cache_dir):
+            self.warm()  # this HOME served models before (a restart): the first call after it should not wait
+
+    def warm(self) -> None:
+        """Keep `spare_workers` started ahead from now on (they start in the background; this returns at once)."""
+        self._warm = True
+        self._top_up_spares()
+
+    def _top_up_spares(self) -> None:
+        if self._closed or not self._warm:
+            return
+        for spare in [spare for spare in self._spares if spare.failed]:
+            self._spares.remove(spare)
+            self._stop(spare)
+        while len(self._spares) < self._spare_workers:
+            self._spares.append(self._spawn())
+
+    async def spares_ready(self, timeout: float | None = None) -> list[dict[str, Any]]:
+        """Waits until the spares started so far have greeted (or failed); their greetings (pid, imports...)."""
+        timeout = self._limits.load_timeout if timeout is None else timeout
+        for spare in list(self._spares):
+            with contextlib.suppress(TimeoutError, asyncio.IncompleteReadError, ProtocolError, OSError):
+                await spare.ready(timeout)
+        return [spare.greeting for spare in self._spares if spare.greeting]
+
+    def _fresh_worker(self) -> WorkerProcess:
+        """A worker holding no model: a spare (one that has started, else the one furthest along), else a new one.
+        The call that takes it replaces it once its model is loaded (not before: on two cores, a spare importing
+        MLflow beside the load would slow the very call it is meant to spare)."""
+        self._warm = True
+        usable = [spare for spare in self._spares if not spare.failed]
+        if not usable:
+            return self._spawn()
+        spare = next((spare for spare in usable if spare.started), usable[0])
+        self._spares.remove(spare)
+        return spare
 
     async def aclose(self) -> None:
         self._closed = True
@@ -230,6 +287,9 @@ class ModelWorkerPool:
             if slot.worker is not None:
                 self._stop(slot.worker)
                 slot.worker = None
+        for spare in self._spares:
+            self._stop(spare)
+        self._spares.clear()
         if self._stopping:
             await asyncio.gather(*self._stopping, return_exceptions=True)
         for waiter in self._waiters:
@@ -242,7 +302,9 @@ class ModelWorkerPool:
         return {slot.worker.directory for slot in self._slots if slot.worker and slot.worker.directory}
 
     def worker_pids(self) -> list[int]:
-        return [pid for slot in self._slots if slot.worker and (pid := slot.worker.pid) is not None]
+        """Every worker process of the pool, spares included."""
+        workers = [slot.worker for slot in self._slots if slot.worker] + self._spares
+        return [pid for worker in workers if (pid := worker.pid) is not None]
 
     async def run(self, source: ModelSource, operation: str, data_format: str, payload: bytes) -> ModelAnswer:
         """`operation` ("predict" or "predict_proba") on rows given as JSON or Arrow IPC (`data_format`)."""
@@ -290,33 +352,14 @@ class ModelWorkerPool:
         if slot.worker is not None and slot.model not in (None, source.key):
             self._replace(slot)  # a fresh process for another model
         if slot.worker is None:
-            slot.worker = self._spawn()
+            slot.worker = self._fresh_worker()
         worker = slot.worker
         loaded, load_ms = False, None
         if worker.model is None:
-            started = time.perf_counter()
             try:
-                await worker.ready(self._limits.load_timeout)
-            except TimeoutError:
-                self._replace(slot)
-                raise ModelCallTimedOut(
-                    f"No model worker started within {self._limits.load_timeout:g} s; try again"
-                ) from None
-            except (asyncio.IncompleteReadError, ProtocolError, OSError) as exc:
-                status = await worker.exit_status()
-                self._replace(slot)
-                raise ModelWorkerFailed(f"A model worker could not start ({status}); see the service log") from exc
-            self._check_isolation(worker.greeting)
-            answer, _ = await self._exchange(
-                slot, source, {"op": "load", "directory": source.directory.name}, b"", self._limits.load_timeout
-            )
-            if not answer.get("ok"):
-                self._replace(slot)  # the model's code ran (in part): this process serves no other
-                if answer.get("error") == "memory":
-                    raise ModelOutOfMemory(self._out_of_memory(source, "while loading"))
-                raise ModelUnusable(f"Model {source.key} could not be loaded: {answer.get('message')}")
-            worker.model, worker.directory = source.key, source.directory
-            loaded, load_ms = True, (time.perf_counter() - started) * 1000
+                loaded, load_ms = True, await self._load(slot, worker, source)
+            finally:
+                self._top_up_spares()
         answer, data = await self._exchange(
             slot, source, {"op": operation, "format": data_format}, payload, self._limits.call_timeout
         )
@@ -333,6 +376,32 @@ class ModelWorkerPool:
             self._replace(slot)
             raise ModelWorkerFailed(f"The worker running model {source.key} answered something other than rows")
         return ModelAnswer(rows, loaded, load_ms)
+
+    async def _load(self, slot: _Slot, worker: WorkerProcess, source: ModelSource) -> float:
+        """Load the version in the slot's fresh worker; milliseconds spent waiting for the worker and loading."""
+        started = time.perf_counter()
+        try:
+            await worker.ready(self._limits.load_timeout)
+        except TimeoutError:
+            self._replace(slot)
+            raise ModelCallTimedOut(
+                f"No model worker started within {self._limits.load_timeout:g} s; try again"
+            ) from None
+        except (asyncio.IncompleteReadError, ProtocolError, OSError) as exc:
+            status = await worker.exit_status()
+            self._replace(slot)
+            raise ModelWorkerFailed(f"A model worker could not start ({status}); see the service log") from exc
+        self._check_isolation(worker.greeting)
+        answer, _ = await self._exchange(
+            slot, source, {"op": "load", "directory": source.directory.name}, b"", self._limits.load_timeout
+        )
+        if not answer.get("ok"):
+            self._replace(slot)  # the model's code ran (in part): this process serves no other
+            if answer.get("error") == "memory":
+                raise ModelOutOfMemory(self._out_of_memory(source, "while loading"))
+            raise ModelUnusable(f"Model {source.key} could not be loaded: {answer.get('message')}")
+        worker.model, worker.directory = source.key, source.directory
+        return (time.perf_counter() - started) * 1000
 
     async def _exchange(
         self, slot: _Slot, source: ModelSource, header: dict[str, Any], payload: bytes, timeout: float
@@ -407,10 +476,11 @@ class ModelWorkerPool:
         return WorkerProcess(command, self._owner, self._scratch_root)
 
     def _replace(self, slot: _Slot) -> None:
-        """Stop the slot's worker (in the background) and start a fresh one, warm before the next call needs it."""
+        """Stop the slot's worker (in the background) and have a fresh one warm before the next call needs it: the
+        pool's spares when it keeps them (the next call takes one), else a new process in the slot."""
         if slot.worker is not None:
             self._stop(slot.worker)
-        slot.worker = None if self._closed else self._spawn()
+        slot.worker = None if self._closed or self._spare_workers else self._spawn()
 
     def _stop(self, worker: WorkerProcess) -> None:
         task = asyncio.create_task(worker.stop())
@@ -439,6 +509,11 @@ def refuse_inspection_by_same_user() -> bool:
         return False
     libc = ctypes.CDLL(None, use_errno=True)
     return libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+
+
+def _holds_models(cache_dir: Path) -> bool:
+    """Blocking: the model cache holds a version's files (not only a fetch in progress)."""
+    return any(child.is_dir() and not child.name.endswith(".partial") for child in cache_dir.iterdir())
 
 
 def _scratch_root() -> str:

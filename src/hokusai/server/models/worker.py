@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import importlib
 import json
 import math
 import os
@@ -30,6 +31,10 @@ PR_SET_PDEATHSIG = 1
 PR_SET_NO_NEW_PRIVS = 38
 CLONE_NEWNET = 0x40000000
 MESSAGE_LIMIT = 2000  # characters of a model's error message passed on
+# Imported before the greeting, beside MLflow's pyfunc and the data libraries, so that a version's first call only
+# loads its model: the flavours most models here use (scikit-learn, and skops, MLflow's default way to save it).
+# One that is not installed is skipped.
+FLAVOUR_MODULES = ("sklearn", "mlflow.sklearn", "skops.io", "cloudpickle")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -55,13 +60,16 @@ def main(argv: list[str] | None = None) -> None:
         _reach_imports(import_dirs)
     _die_with_parent()
 
-    # Warm before the first request: these imports are most of a first call's time (~2 s).
-    import mlflow.pyfunc  # noqa: F401
-    import pandas  # noqa: F401
-    import pyarrow  # noqa: F401
-
+    imported = warm_up()
     worker = ModelWorker(cache_path)
-    greeting = {"ok": True, "pid": os.getpid(), "uid": os.getuid(), "dropped_privileges": dropped, "network": network}
+    greeting = {
+        "ok": True,
+        "pid": os.getpid(),
+        "uid": os.getuid(),
+        "dropped_privileges": dropped,
+        "network": network,
+        "imported": imported,
+    }
     answers.write(encode(greeting))
     answers.flush()
     while (message := read_message_blocking(requests, args.max_request_bytes)) is not None:
@@ -69,6 +77,30 @@ def main(argv: list[str] | None = None) -> None:
         header["cpu_seconds"] = _cpu_seconds()
         answers.write(encode(header, payload))
         answers.flush()
+
+
+def warm_up() -> list[str]:
+    """What a first call would otherwise wait for, done before the worker greets (it may be a spare, started ahead
+    of any call): the imports (seconds on two busy cores) and MLflow's map of installed packages, which
+    `load_model` builds to compare a model's requirements with this environment (it reads the file list of every
+    installed distribution: seconds again). The modules imported."""
+    import mlflow.pyfunc  # noqa: F401
+    import pandas  # noqa: F401
+    import pyarrow  # noqa: F401
+
+    imported = ["mlflow.pyfunc", "pandas", "pyarrow"]
+    for module in FLAVOUR_MODULES:
+        try:
+            importlib.import_module(module)
+        except ImportError:
+            continue
+        imported.append(module)
+    try:
+        from mlflow.utils.requirements_utils import warn_dependency_requirement_mismatches
+    except ImportError:  # another MLflow: its first load builds what it needs
+        return imported
+    warn_dependency_requirement_mismatches(["mlflow"])  # builds and keeps the map; MLflow itself is installed
+    return imported
 
 
 def _keep_protocol_pipes() -> tuple[Any, Any]:

@@ -114,12 +114,16 @@ class RegistryService:
         policy: Policy | None = None,
         idempotency_pending_seconds: float = DEFAULT_PENDING_SECONDS,
         changes: RegistryChanges | None = None,
+        on_expected: Callable[[str, str], None] | None = None,
     ) -> None:
         """`on_registered(name, version, actor)` runs after each registration that names contributors (their records);
         `locks` serialize the changes to one model (in process unless given ones backed by Redis); `policy`
         authorizes each operation of a batch; an Idempotency-Key still pending after `idempotency_pending_seconds`
         may be taken over by a retry. Every write takes its `actor`, the caller who asked for it, and goes through
-        `changes` (when given): the event log's record of who changed which model (events/changes.py)."""
+        `changes` (when given): the event log's record of who changed which model (events/changes.py).
+        `on_expected(name, version)` is told of each version registered or moved to Production, whose calls may
+        follow (it prepares them in the background and returns at once)."""
+        self._on_expected = on_expected
         self._changes = changes
         self._policy = policy or Policy()
         self._upstream = upstream
@@ -236,6 +240,8 @@ class RegistryService:
     ) -> ModelVersionDetail:
         current = await self.get_version(name, version, fresh=True)
         await self._mlflow.transition_stage(name, current.version, stage, archive_existing and stage in STAGE_ALIASES)
+        if stage == "Production" and self._on_expected is not None:
+            self._on_expected(name, current.version)
         if stage in STAGE_ALIASES:
             await self._mlflow.set_alias(name, STAGE_ALIASES[stage], current.version)
         for alias in STAGE_ALIASES.values():
@@ -388,6 +394,8 @@ class RegistryService:
                     run_id=resolved.run_id,
                     model_id=resolved.model_id,
                 )
+        if self._on_expected is not None:
+            self._on_expected(name, created.version)
         if self._on_registered is not None and contributor_shares(metadata):
             try:
                 await self._on_registered(name, created.version, Actor.of(actor))
