@@ -4,7 +4,10 @@
   - repeated reads (warm cache): requests/s with 8 concurrent connections, GET /models/?max_results=100 against
     MLflow's model-versions/search?max_results=100, and GET /models/{n}/{v} against model-versions/get;
   - cold reads: median latency through a second service whose cache is off (HOKUSAI_REGISTRY_CACHE_TTL=0).
-Targets: at least 5x MLflow's requests/s on repeated reads; cold, no slower than 1.2x MLflow's latency.
+The lists are read as they are by default (one MLflow call) and with `include=aliases` (a second MLflow call for
+the aliases, which MLflow's version search does not return: what every list cost before issue 17), side by side.
+Targets: at least 5x MLflow's requests/s on repeated reads; cold, no slower than 1.2x MLflow's latency for a list
+and 1.1x for a get.
 """
 
 from __future__ import annotations
@@ -143,14 +146,21 @@ def main() -> None:
             names = sorted({n for n, _ in sample})[:5]  # repeated reads: a handful of models asked for again and again
             ours = {
                 "list": ["/models/?max_results=100"],
+                "list +aliases": ["/models/?max_results=100&include=aliases"],
                 "list one model": [f"/models/?name={n}" for n in names],
+                "list one model +aliases": [f"/models/?name={n}&include=aliases" for n in names],
                 "get": [f"/models/{n}/{v}" for n, v in sample],
             }
+            list_search = ["/api/2.0/mlflow/model-versions/search?max_results=100"]
+            one_model_search = [f"/api/2.0/mlflow/model-versions/search?filter=name%3D%27{n}%27" for n in names]
             theirs = {
-                "list": ["/api/2.0/mlflow/model-versions/search?max_results=100"],
-                "list one model": [f"/api/2.0/mlflow/model-versions/search?filter=name%3D%27{n}%27" for n in names],
+                "list": list_search,
+                "list +aliases": list_search,
+                "list one model": one_model_search,
+                "list one model +aliases": one_model_search,
                 "get": [f"/api/2.0/mlflow/model-versions/get?name={n}&version={v}" for n, v in sample],
             }
+            cold_targets = {"get": 1.1}
             for kind in ours:
                 rates: dict[str, list[float]] = {"mlflow": [], "service": []}
                 asyncio.run(throughput(warm_url, ours[kind], auth))  # warm the cache
@@ -166,7 +176,9 @@ def main() -> None:
                 print(
                     f"{kind}: repeated reads {service_rate:.0f}/s vs MLflow {mlflow_rate:.0f}/s ="
                     f" {service_rate / mlflow_rate:.1f}x (target >= 5x); cold {cold['cold']:.1f} ms vs MLflow"
-                    f" {cold['mlflow']:.1f} ms = {cold['cold'] / cold['mlflow']:.2f}x (target <= 1.2x)"
+                    f" {cold['mlflow']:.1f} ms = {cold['cold'] / cold['mlflow']:.2f}x"
+                    f" (target <= {cold_targets.get(kind, 1.2)}x)",
+                    flush=True,
                 )
         finally:
             for process in reversed(processes):

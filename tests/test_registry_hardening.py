@@ -140,7 +140,7 @@ def everything_listed(reader) -> dict[str, list[dict]]:
     found: dict[str, list[dict]] = {}
     token = None
     while True:
-        params = {"max_results": 1000, **({"page_token": token} if token else {})}
+        params = {"max_results": 1000, "include": "aliases", **({"page_token": token} if token else {})}
         page = reader.get("/models/", params=params)
         assert page.status_code == 200, page.text
         for model in page.json()["models"]:
@@ -161,7 +161,7 @@ def test_models_with_odd_names_made_in_mlflow_do_not_break_the_list(reader, odd_
         detail = reader.get(f"/models/{quote(name, safe='')}/1")
         assert detail.status_code == 200 and detail.json()["aliases"] == ["champ"], (name, detail.text)
     for name in (backslash, newline):
-        only = reader.get("/models/", params={"name": name}).json()["models"]
+        only = reader.get("/models/", params={"name": name, "include": "aliases"}).json()["models"]
         assert [(m["name"], m["aliases"]) for m in only] == [(name, ["champ"])]
     for facet in ("lineage", "metrics"):  # were 400: their filters could not name it
         assert reader.get(f"/models/{quote(both_quotes, safe='')}/1/{facet}").status_code == 200, facet
@@ -248,7 +248,7 @@ async def promote_all(base_url: str, key: str, name: str, versions: list[int]) -
 
 
 def production_versions(reader, name: str) -> list[dict]:
-    listed = reader.get("/models/", params={"name": name, "max_results": 1000}).json()["models"]
+    listed = reader.get("/models/", params={"name": name, "max_results": 1000, "include": "aliases"}).json()["models"]
     return [m for m in listed if m["stage"] == "Production"]
 
 

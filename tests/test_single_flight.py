@@ -180,10 +180,11 @@ async def test_when_the_filler_fails_a_waiting_process_fetches_at_once(shared_re
 
 class CountingMlflow:
     """A pass-through in front of the real MLflow that counts the model-version reads reaching it, by model name,
-    and holds each a little so that concurrent readers overlap."""
+    and holds each a little so that concurrent readers overlap; `every` counts every call, by method and path."""
 
     def __init__(self, mlflow_url: str, hold: float = 0.5) -> None:
         self.searches: Counter[str] = Counter()
+        self.every: Counter[str] = Counter()
         lock = threading.Lock()
         counter = self
 
@@ -193,6 +194,8 @@ class CountingMlflow:
             def _forward(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                with lock:
+                    counter.every[f"{self.command} {self.path.split('?')[0]}"] += 1
                 if self.path.startswith(f"{API}/model-versions/"):
                     with lock:
                         counter.searches[unquote(self.path)] += 1

@@ -50,7 +50,9 @@ class _ModelOperations(EventOperations):
 
     def list_page(self, name: str | None = None, max_results: int = 100, page_token: str | None = None) -> Any:
         """One page of versions (newest model names first, as MLflow orders them); see list_models for all."""
-        params = without_none({"name": name, "max_results": max_results, "page_token": page_token})
+        params = without_none(
+            {"name": name, "max_results": max_results, "page_token": page_token, "include": "aliases"}
+        )
         return self._send(Call("GET", "/models/", ModelPage, params=params))
 
     def get_model(self, name: str, version: str | int) -> Any:

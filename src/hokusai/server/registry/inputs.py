@@ -29,6 +29,15 @@ MAX_SQL_INTEGER = 2**63 - 1  # what a 64-bit SQL integer (OFFSET, LIMIT) can hol
 UNREGISTRABLE_CHARACTERS = frozenset("/:'\"\\")
 
 
+# What `GET /models/?include=` may add to each entry (each costs MLflow calls the plain list does not make).
+LIST_EXTRAS = frozenset({"aliases"})
+
+
+def list_extras(include: list[str]) -> set[str]:
+    """`include=aliases`, `include=a,b` or the parameter repeated, as one set of names (blanks ignored)."""
+    return {part.strip() for value in include for part in value.split(",") if part.strip()}
+
+
 def is_number(text: str) -> bool:
     """ASCII digits only: str.isdigit() also accepts '²' (which int() refuses) and '٣' (which it reads as 3)."""
     return text.isascii() and text.isdigit()

@@ -7,7 +7,8 @@ from fastapi.responses import StreamingResponse
 
 from hokusai.server.auth.dependencies import allow
 from hokusai.server.deps import AccessPolicy, Caller, Registry
-from hokusai.server.registry.inputs import MAX_NAME_LENGTH, MAX_PAGE_TOKEN_LENGTH
+from hokusai.server.errors import InvalidRequest
+from hokusai.server.registry.inputs import LIST_EXTRAS, MAX_NAME_LENGTH, MAX_PAGE_TOKEN_LENGTH, list_extras
 from hokusai.server.registry.schemas import (
     BatchRequest,
     BatchResponse,
@@ -32,8 +33,16 @@ async def list_models(
     name: str | None = Query(None, max_length=MAX_NAME_LENGTH, description="Only the versions of this model"),
     max_results: int = Query(100, ge=1, le=1000),
     page_token: str | None = Query(None, max_length=MAX_PAGE_TOKEN_LENGTH, description="From the previous page"),
+    include: list[str] = Query(
+        [],
+        max_length=10,
+        description="`aliases`: each entry's aliases as well (costs a second MLflow call on a cold read)",
+    ),
 ) -> ModelList:
-    listed = await registry.list_versions(name, max_results, page_token)
+    extras = list_extras(include)
+    if unknown := extras - LIST_EXTRAS:
+        raise InvalidRequest(f"Unknown include: {', '.join(sorted(unknown))} (known: {', '.join(sorted(LIST_EXTRAS))})")
+    listed = await registry.list_versions(name, max_results, page_token, include_aliases="aliases" in extras)
     # The policy's listing hook (per-model rights would hide versions here); today every version is visible.
     listed.models = policy.visible(caller, "models:read", listed.models, lambda version: version.name)
     return listed

@@ -30,7 +30,11 @@ class ModelVersionSummary(BaseModel):
     created_at: int = Field(description="Milliseconds since the epoch, as MLflow keeps it")
     tags: dict[str, str]
     stage: Stage
-    aliases: list[str]
+    # Only when asked for (`include=aliases`): MLflow's version search does not return them, so each list with them
+    # costs a second MLflow call. Absent rather than [] otherwise, so "not asked" never reads as "no aliases".
+    aliases: list[str] | None = Field(
+        None, exclude_if=lambda aliases: aliases is None, description="With include=aliases"
+    )
 
 
 class ModelList(BaseModel):
@@ -39,6 +43,7 @@ class ModelList(BaseModel):
 
 
 class ModelVersionDetail(ModelVersionSummary):
+    aliases: list[str]  # model-versions/get returns them: always there
     description: str
     source: str
     run_id: str | None

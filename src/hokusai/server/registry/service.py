@@ -80,7 +80,8 @@ CachedAnswer = TypeVar("CachedAnswer", bound=BaseModel)
 STAGE_ALIASES = {"Production": "production", "Staging": "staging"}
 
 
-def _summary(version: ModelVersion, aliases: Iterable[str]) -> ModelVersionSummary:
+def _summary(version: ModelVersion, aliases: Iterable[str] | None) -> ModelVersionSummary:
+    """A list entry; `aliases` None when they were not asked for (the entry then has none, not an empty list)."""
     return ModelVersionSummary(
         name=version.name,
         version=version.version,
@@ -88,14 +89,20 @@ def _summary(version: ModelVersion, aliases: Iterable[str]) -> ModelVersionSumma
         created_at=version.created_ms,
         tags=dict(version.tags),
         stage=version.stage,
-        aliases=sorted(aliases),
+        aliases=sorted(aliases) if aliases is not None else None,
     )
 
 
 def _detail(version: ModelVersion) -> ModelVersionDetail:
-    summary = _summary(version, version.aliases)
+    # Built in one step (not a summary dumped into a detail): a cold get does nothing but this after MLflow answers.
     return ModelVersionDetail(
-        **summary.model_dump(),
+        name=version.name,
+        version=version.version,
+        status=version.status,
+        created_at=version.created_ms,
+        tags=dict(version.tags),
+        stage=version.stage,
+        aliases=sorted(version.aliases),
         description=version.description,
         source=version.source,
         run_id=version.run_id,
@@ -143,8 +150,10 @@ class RegistryService:
     ) -> CachedAnswer:
         """An answer from the read cache, or fetched from MLflow and kept (unless a write happened meanwhile); a miss
         waits for a fetch of the same key already under way (`RegistryReadCache.fill`). `fresh`: always fetched."""
+        if not self.cache.enabled:
+            return await fetch()  # nothing will be kept: no key, no generation, no copy of the answer
         key = hashlib.sha256(json.dumps(parts).encode()).hexdigest()
-        if fresh or not self.cache.enabled:
+        if fresh:
             generation = await self.cache.generation()
             answer = await fetch()
             await self.cache.put(key, generation, answer.model_dump())
@@ -156,22 +165,31 @@ class RegistryService:
         # Validated by each caller: those sharing one fetch get answers of their own.
         return model.model_validate(await self.cache.fill(key, fetch_value))
 
-    async def list_versions(self, name: str | None, max_results: int, page_token: str | None) -> ModelList:
+    async def list_versions(
+        self, name: str | None, max_results: int, page_token: str | None, include_aliases: bool = False
+    ) -> ModelList:
+        """One page of versions: one MLflow call; `include_aliases` adds each entry's aliases, which takes a second
+        (model-versions/search does not return them)."""
         if page_token and (problem := page_token_problem(page_token)) is not None:
             raise InvalidRequest(f"Invalid page_token: {problem}")
         if name and not holdable_name(name):
             return ModelList(models=[])  # no model can have that name: MLflow is not asked
         return await self._cached(
-            ["list", name, max_results, page_token],
+            ["list", name, max_results, page_token, include_aliases],
             ModelList,
-            lambda: self._list_versions(name, max_results, page_token),
+            lambda: self._list_versions(name, max_results, page_token, include_aliases),
         )
 
-    async def _list_versions(self, name: str | None, max_results: int, page_token: str | None) -> ModelList:
+    async def _list_versions(
+        self, name: str | None, max_results: int, page_token: str | None, include_aliases: bool
+    ) -> ModelList:
         # A name no filter can hold is refused here, before MLflow is asked anything.
         search = self._mlflow.search_versions(
             name_filter(name) if name else None, max_results, page_token, order_by="name ASC"
         )
+        if not include_aliases:
+            page = await search
+            return ModelList(models=[_summary(v, None) for v in page.versions], next_page_token=page.next_page_token)
         if name:
             # One model: its aliases can be asked for at the same time as its versions (one round trip of latency).
             page, aliases = await asyncio.gather(search, self._aliases({name}))

@@ -103,7 +103,7 @@ async def every_version(registry: RegistryService, name: str | None) -> tuple[li
     found: list[ModelVersionSummary] = []
     token: str | None = None
     for _ in range(MAX_VERSION_PAGES):
-        page = await registry.list_versions(name, VERSIONS_PER_CALL, token)
+        page = await registry.list_versions(name, VERSIONS_PER_CALL, token, include_aliases=True)
         found.extend(page.models)
         token = page.next_page_token
         if not token:
