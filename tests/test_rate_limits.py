@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import secrets
 import time
 
 import httpx
 import pytest
+from redis.asyncio import Redis
 
-from hokusai.server.ratelimit.policies import route_id, route_limits
+from hokusai.server.ratelimit.counters import CounterLimit, MemoryCounters, RedisCounters
+from hokusai.server.ratelimit.policies import parse_limit, route_id, route_limits
+from hokusai.server.ratelimit.service import RateLimited, RequestRateLimiter
+from hokusai.server.redis_breaker import RedisBreaker
 
 SEARCH = "/api/2.0/mlflow/experiments/search?max_results=1"
 REFUSED = {"detail": "Rate limit exceeded"}
@@ -31,7 +37,7 @@ def start_well_inside_window(window_seconds: int, needed: float = 20.0) -> None:
 
     The sliding window counter weighs the previous window's hits by how much of it still overlaps, so a run that
     straddles a window edge may be allowed one more hit than the limit; counting tests start well inside one.
-    `limits` aligns windows to the epoch.
+    Windows are aligned to the epoch.
     """
     left = window_seconds - time.time() % window_seconds
     if left < needed:
@@ -212,3 +218,169 @@ def test_a_separate_gateway_budget_when_configured(start_service, mlflow_server)
     with service.client(own_limit) as client:
         assert client.get("/models/").status_code == 200
     assert_refused(call(service, own_limit))
+
+
+# The counters themselves: the same decisions in process and in Redis, one round trip per request in Redis.
+
+ROUTE_LIMIT = CounterLimit("route:k:GET /x:60", 3, 60)
+KEY_LIMIT = CounterLimit("key:k:3600", 5, 3600)
+
+
+class FakeClock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.mark.anyio
+async def test_the_previous_window_is_weighed_by_its_overlap():
+    clock = FakeClock(60 * 1_000_000 + 30)  # halfway through a minute
+    counters = MemoryCounters(clock)
+    limit = CounterLimit("key:k:60", 10, 60)
+    decisions = [await counters.acquire([limit]) for _ in range(11)]
+    assert [d.refused for d in decisions] == [None] * 10 + [0]  # exact within a window: N admitted, N+1 refused
+    assert decisions[-1].states[0].remaining == 0 and decisions[-1].states[0].reset_in == 30  # the window's end
+    clock.now += 45  # 15 s into the next minute: the previous 10 still weigh 45/60 (7.5 requests)
+    decisions = [await counters.acquire([limit]) for _ in range(4)]
+    assert [d.refused for d in decisions] == [None, None, None, 0]
+    assert [d.states[0].remaining for d in decisions] == [2, 1, 0, 0]
+    assert decisions[-1].states[0].reset_in == pytest.approx(3)  # 45 % (60 / 10): when one more request weighs less
+    clock.now += 120  # two windows later nothing weighs, and the sweep has dropped the entry
+    assert (await counters.acquire([limit], count=False)).states[0].remaining == 10
+    assert len(counters) == 0
+
+
+@pytest.mark.anyio
+async def test_a_request_refused_by_one_policy_is_counted_in_none():
+    counters = MemoryCounters(FakeClock(3600 * 500_000 + 10))
+    key = CounterLimit("key:k:3600", 2, 3600)
+    assert [(await counters.acquire([ROUTE_LIMIT, key])).refused for _ in range(3)] == [None, None, 1]
+    route_state = (await counters.acquire([ROUTE_LIMIT], count=False)).states[0]
+    assert route_state.remaining == 1  # the route's 3/minute spent by the two admitted requests only
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_redis_decides_like_the_process(redis_url):
+    start_well_inside_window(60, needed=5)
+    prefix = f"test-{secrets.token_hex(4)}:ratelimit:"
+    client = Redis.from_url(redis_url)
+    in_redis, in_process = RedisCounters(client, prefix), MemoryCounters()
+    try:
+        for _ in range(5):
+            shared, local = (
+                await in_redis.acquire([ROUTE_LIMIT, KEY_LIMIT]),
+                await in_process.acquire([ROUTE_LIMIT, KEY_LIMIT]),
+            )
+            assert shared.refused == local.refused
+            assert [s.remaining for s in shared.states] == [s.remaining for s in local.states]
+            assert [s.reset_in for s in shared.states] == pytest.approx([s.reset_in for s in local.states], abs=1)
+        assert shared.refused == 0 and len(shared.states) == 1  # the route refused: the key's budget not asked
+        key_state = (await in_redis.acquire([KEY_LIMIT], count=False)).states[0]
+        assert key_state.remaining == 2  # three admitted requests; the refused ones spent nothing
+        written = sorted([key.decode() async for key in client.scan_iter(f"{prefix}*")])
+        assert written == sorted([prefix + ROUTE_LIMIT.key, prefix + KEY_LIMIT.key])
+        assert 3600 < await client.pttl(prefix + KEY_LIMIT.key) <= 2 * 3600 * 1000  # gone once it weighs nothing
+    finally:
+        keys = [key async for key in client.scan_iter(f"{prefix}*")]
+        if keys:
+            await client.delete(*keys)
+        await client.aclose()
+
+
+def redis_limiter(url: str, prefix: str, timeout: float = 1.0, **options) -> RequestRateLimiter:
+    settings = {"default_per_hour": 5, "auth_failure_limit": parse_limit("3/minute"), "fail_open": False}
+    settings["route_limits"] = route_limits("20/minute", "100/minute", "100/minute", {"GET /x": "3/minute"})
+    return RequestRateLimiter.on_redis(url, timeout, RedisBreaker(3, 1.0), prefix=prefix, **{**settings, **options})
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_one_round_trip_per_request(private_redis):
+    """Both policies decided, counted and reported by one EVALSHA: no second call for the headers."""
+    limiter = redis_limiter(private_redis.url, "hk:")
+    admin = Redis.from_url(private_redis.url)
+    try:
+        await limiter.hit_key("k1", None, "GET /x")  # loads the script (NOSCRIPT, SCRIPT LOAD) once
+        await admin.config_resetstat()
+        for remaining in (1, 0):
+            headers = await limiter.hit_key("k1", None, "GET /x")
+            assert headers["X-RateLimit-Remaining"] == str(remaining)
+        with pytest.raises(RateLimited):
+            await limiter.hit_key("k1", None, "GET /x")
+        stats = await admin.info("commandstats")
+        called = {name.removeprefix("cmdstat_"): value["calls"] for name, value in stats.items()}
+        assert called.pop("evalsha") == 3, called  # one call per request (`limits` made two per policy)
+        # Everything else Redis ran was inside the script (or this test's own INFO/CONFIG): nothing sent after it.
+        assert set(called) <= {"time", "hmget", "hset", "pexpire", "config|resetstat", "info"}, called
+    finally:
+        await limiter.counters.aclose()
+        await admin.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_the_script_is_loaded_again_after_redis_restarts(private_redis):
+    limiter = redis_limiter(private_redis.url, "hk:")
+    try:
+        assert (await limiter.hit_key("k1", None, None))["X-RateLimit-Remaining"] == "4"
+        private_redis.restart()  # empty: no script, no counts; the pooled connection is broken
+        assert (await limiter.hit_key("k1", None, None))["X-RateLimit-Remaining"] == "4"
+        assert limiter.breaker.snapshot().consecutive_failures == 0
+    finally:
+        await limiter.counters.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_concurrent_requests_share_calls_and_are_counted_exactly(private_redis):
+    limiter = redis_limiter(private_redis.url, "hk:", default_per_hour=12)
+    admin = Redis.from_url(private_redis.url)
+
+    async def request() -> str:
+        try:
+            return (await limiter.hit_key("k1", None, None))["X-RateLimit-Remaining"]
+        except RateLimited:
+            return "refused"
+
+    try:
+        await limiter.hit_key("warm-up", None, None)
+        await admin.config_resetstat()
+        answers = await asyncio.gather(*(request() for _ in range(20)))
+        assert sorted(answers) == sorted([str(n) for n in range(12)] + ["refused"] * 8)  # each once: no race
+        calls = (await admin.info("commandstats"))["cmdstat_evalsha"]["calls"]
+        assert calls < 20, calls  # those that came while a call was out went together in the next one
+        # A request given up while waiting (client gone) leaves the others' answers alone.
+        waiting = [asyncio.ensure_future(limiter.hit_key(f"k{n}", None, None)) for n in range(2, 6)]
+        await asyncio.sleep(0)  # all four are waiting for their call now
+        waiting[0].cancel()
+        done = await asyncio.gather(*waiting, return_exceptions=True)
+        assert isinstance(done[0], asyncio.CancelledError)
+        assert [answer["X-RateLimit-Remaining"] for answer in done[1:]] == ["11"] * 3
+    finally:
+        await limiter.counters.aclose()
+        await admin.aclose()
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_a_failed_call_counts_once_against_the_breaker(private_redis):
+    """The requests one call carried all fail open with it, but it is one Redis failure: one slow call under load
+    does not open the breaker for everyone."""
+    limiter = redis_limiter(private_redis.url, "hk:", timeout=0.2, fail_open=True)
+    try:
+        await limiter.hit_key("k1", None, None)  # connected, script loaded
+        private_redis.pause()
+        try:
+            answers = await asyncio.gather(*(limiter.hit_key("k1", None, None) for _ in range(10)))
+        finally:
+            private_redis.resume()
+        assert answers == [{}] * 10  # served without limits
+        breaker = limiter.breaker.snapshot()
+        assert breaker.consecutive_failures == 1 and breaker.state == "closed", breaker
+        # Used again at once (Redis may have run the calls it was sent while paused: another key here).
+        assert (await limiter.hit_key("k2", None, None))["X-RateLimit-Remaining"] == "4"
+    finally:
+        await limiter.counters.aclose()

@@ -218,6 +218,7 @@ class Runtime:
         await self.dspy.aclose()
         await self.analytics.aclose()
         await self.mlflow.aclose()
+        await self.rate_limiter.aclose()
         if self.redis is not None:
             await self.redis.aclose()
         if self.embedded_mlflow is not None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 from hokusai.server.auth.caller import Caller
@@ -25,9 +26,12 @@ class ApiKeyService:
         self.store = store
         self._cache_ttl = cache_ttl
         self._clock = clock
-        # key hash -> (record, when read). Bounded and keyed by hash: the plaintext is never kept.
+        # key hash -> (record, trusted until: read time + TTL, or the key's expiry if sooner, on `clock`). Bounded
+        # and keyed by hash: the plaintext is never kept. Only active keys are kept.
         self._cache: OrderedDict[str, tuple[ApiKeyInfo, float]] = OrderedDict()
         self._revoke_listeners: list[Callable[[str], None]] = []
+        self._lookups: dict[str, asyncio.Future[ApiKeyInfo | None]] = {}  # key hash -> the database read in flight
+        self._revocations = 0
 
     def on_revoke(self, listener: Callable[[str], None]) -> None:
         """Call `listener(key_id)` when this process revokes a key (the browser sessions forget theirs)."""
@@ -43,24 +47,45 @@ class ApiKeyService:
         so lookup timing says nothing about the key itself; the only direct comparison (the checksum) is
         constant-time.
         """
+        key_hash = hash_api_key(presented)
+        cached = self._cache.get(key_hash)
+        if cached is not None:
+            if self._clock() < cached[1]:
+                return cached[0]  # the per-request path: one hash, one dict read, one clock read
+            del self._cache[key_hash]  # past its time: read again (it may have been revoked or expired)
         if not is_well_formed(presented):
             raise InvalidApiKey()
-        key_hash = hash_api_key(presented)
-        now = utcnow()
-        info = self._cached(key_hash)
+        if before_lookup is not None:
+            await before_lookup()
+        # One database read per key at a time: when a busy key's entry expires, the requests in flight with it
+        # wait for the same read (and one `last_used_at` write) rather than each making their own.
+        lookup = self._lookups.get(key_hash)
+        if lookup is None:
+            lookup = self._lookups[key_hash] = asyncio.ensure_future(self._look_up(key_hash))
+            lookup.add_done_callback(lambda done: self._lookup_done(key_hash, done))
+        info = await asyncio.shield(lookup)  # a caller that goes away does not cancel the others' read
         if info is None:
-            if before_lookup is not None:
-                await before_lookup()
-            info = await self.store.find_by_hash(key_hash)
-            if info is None:
-                raise InvalidApiKey()
-            if info.is_active(now):
-                # Recorded when the cache is refreshed: at most once per TTL per process, not per request.
-                await self.store.mark_used(info.id, now)
-            self._remember(key_hash, info)
-        if not info.is_active(now):
             raise InvalidApiKey()
         return info
+
+    async def _look_up(self, key_hash: str) -> ApiKeyInfo | None:
+        """The active key of this hash from the database (remembered for the TTL), or None."""
+        revocations = self._revocations
+        info = await self.store.find_by_hash(key_hash)
+        now = utcnow()
+        if info is None or not info.is_active(now):
+            return None
+        # Recorded when the cache is refreshed: at most once per TTL per process, not per request.
+        await self.store.mark_used(info.id, now)
+        if revocations == self._revocations:  # a key revoked here meanwhile may have been read before it was
+            self._remember(key_hash, info, now)
+        return info
+
+    def _lookup_done(self, key_hash: str, lookup: asyncio.Future[ApiKeyInfo | None]) -> None:
+        if self._lookups.get(key_hash) is lookup:
+            del self._lookups[key_hash]
+        if not lookup.cancelled():
+            lookup.exception()  # retrieved here: every waiter may have gone away
 
     async def create(
         self,
@@ -85,27 +110,22 @@ class ApiKeyService:
         info = await self.store.revoke(key_id)
         if actor is not None:
             logger.info("API key %s revoked by %s %s", key_id, actor.kind, actor.id)
+        self._revocations += 1
         for key_hash in [h for h, (cached, _) in self._cache.items() if cached.id == key_id]:
             del self._cache[key_hash]
         for listener in self._revoke_listeners:
             listener(key_id)
         return info
 
-    def _cached(self, key_hash: str) -> ApiKeyInfo | None:
-        entry = self._cache.get(key_hash)
-        if entry is None:
-            return None
-        info, read_at = entry
-        if self._clock() - read_at >= self._cache_ttl:
-            del self._cache[key_hash]
-            return None
-        return info
-
-    def _remember(self, key_hash: str, info: ApiKeyInfo) -> None:
+    def _remember(self, key_hash: str, info: ApiKeyInfo, now: datetime) -> None:
         if self._cache_ttl <= 0:
             return
-        self._cache[key_hash] = (info, self._clock())
-        self._cache.move_to_end(key_hash)
+        read_at = self._clock()
+        trusted_for = self._cache_ttl
+        if info.expires_at is not None:  # computed once here, so a cached request needs no wall-clock date
+            trusted_for = min(trusted_for, (info.expires_at - now).total_seconds())
+        self._cache.pop(key_hash, None)
+        self._cache[key_hash] = (info, read_at + trusted_for)
         while len(self._cache) > MAX_CACHED_KEYS:
             self._cache.popitem(last=False)
 

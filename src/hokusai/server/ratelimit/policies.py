@@ -33,6 +33,7 @@ def parse_limit(text: str) -> RateLimitItem:
     return item
 
 
+@lru_cache(maxsize=4096)  # asked on every request; templates (and methods) are few
 def route_id(method: str, template: str) -> str:
     """`POST /models/register` for both `/models/register` and `/api/models/register`."""
     for root in DUAL_PREFIX_ROOTS:
