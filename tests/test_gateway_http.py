@@ -189,3 +189,22 @@ def test_unreachable_upstream_is_502(start_service):
         response = client.get("/mlflow" + SEARCH)
     assert response.status_code == 502
     assert response.json()["detail"] == f"Failed to connect to MLflow server at {dead}"
+
+
+def test_a_relayed_answer_is_mlflows_with_the_gateways_headers_once(service, mlflow_server):
+    """Small answers are relayed in one message with MLflow's own headers: the body, type and length as MLflow sent
+    them, MLflow's server/date/cookies not passed on, and the gateway's request id and rate-limit headers added
+    once."""
+    key = create_key(service, ["read"])
+    path = "/api/2.0/mlflow/experiments/get?experiment_id=0"
+    direct = httpx.get(mlflow_server.url + path, timeout=30)
+    with service.client(key) as client:
+        relayed = client.get("/mlflow" + path, headers={"X-Request-ID": "relay-check-1"})
+    assert relayed.status_code == direct.status_code == 200
+    assert relayed.content == direct.content
+    assert relayed.headers["content-type"] == direct.headers["content-type"]
+    assert relayed.headers["content-length"] == direct.headers["content-length"] == str(len(direct.content))
+    names = [name.lower() for name, _ in relayed.headers.raw]
+    assert names.count(b"x-request-id") == 1 and relayed.headers["x-request-id"] == "relay-check-1"
+    assert names.count(b"x-ratelimit-limit") == 1 and names.count(b"x-ratelimit-remaining") == 1
+    assert names.count(b"date") == 1 and names.count(b"server") <= 1  # the gateway's own, not MLflow's as well

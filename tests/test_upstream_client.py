@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import anyio
 import pytest
 
 from hokusai.server.mlflow.breaker import BreakerState, CircuitBreaker, CircuitOpen
 from hokusai.server.mlflow.embedded import free_loopback_port
-from hokusai.server.mlflow.upstream import MlflowUpstream, UpstreamConnectFailed, UpstreamUnavailable
+from hokusai.server.mlflow.upstream import (
+    UPSTREAM_IDLE_SECONDS,
+    MlflowUpstream,
+    UpstreamConnectFailed,
+    UpstreamUnavailable,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -124,3 +130,85 @@ async def test_a_500_never_opens_the_breaker_a_503_or_a_dead_upstream_does():
         assert dead.breaker.state is BreakerState.OPEN
     finally:
         await dead.aclose()
+
+
+class PortEchoServer:
+    """A real uvicorn server (as MLflow runs) that answers each request with the client's port: the same port
+    twice means the connection was reused. `idle_timeout` is its keep-alive timeout."""
+
+    def __init__(self, idle_timeout: float) -> None:
+        import threading
+
+        import uvicorn
+
+        async def app(scope, receive, send) -> None:
+            if scope["type"] != "http":
+                return
+            while (await receive()).get("more_body"):
+                pass
+            body = str(scope["client"][1]).encode()
+            headers = [(b"content-type", b"text/plain"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+
+        port = free_loopback_port()
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=port, timeout_keep_alive=idle_timeout, log_level="warning", lifespan="off"
+        )
+        self.server = uvicorn.Server(config)
+        self.url = f"http://127.0.0.1:{port}"
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            self.thread.join(0.02)
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join()
+
+
+async def test_connections_are_reused_to_the_real_mlflow(mlflow_server):
+    import psutil
+
+    upstream = MlflowUpstream(mlflow_server.url, timeout=10, breaker=CircuitBreaker(), keepalive=True)
+    mlflow_port = int(mlflow_server.url.rsplit(":", 1)[1])
+
+    def connections_to_mlflow() -> set[int]:
+        return {
+            connection.laddr.port
+            for connection in psutil.Process().net_connections(kind="tcp")
+            if connection.raddr and connection.raddr.port == mlflow_port and connection.status == "ESTABLISHED"
+        }
+
+    try:
+        for _ in range(10):
+            answer = await upstream.request("GET", "/api/2.0/mlflow/experiments/search", params={"max_results": "1"})
+            assert answer.status_code == 200
+        assert len(connections_to_mlflow()) == 1  # ten calls, one connection
+    finally:
+        await upstream.aclose()
+
+
+async def test_an_idle_connection_is_dropped_before_mlflow_closes_it():
+    """uvicorn (MLflow's server) closes a connection idle for its keep-alive timeout; a POST sent on it just then
+    fails ("server disconnected", not retried as a GET is). The gateway lets go of idle connections first."""
+    import uvicorn
+
+    assert uvicorn.Config(app=None).timeout_keep_alive > UPSTREAM_IDLE_SECONDS  # `mlflow server` keeps them longer
+    server = PortEchoServer(idle_timeout=2)
+    upstream = MlflowUpstream(server.url, timeout=5, breaker=CircuitBreaker(), keepalive=True, idle_seconds=1)
+    try:
+
+        async def client_port() -> bytes:
+            answer = await upstream.request("POST", "/port", json={})
+            assert answer.status_code == 200
+            return answer.body
+
+        first = await client_port()
+        assert await client_port() == first  # back to back: reused
+        await anyio.sleep(1.5)  # idle longer than the client keeps it, shorter than the server does
+        assert await client_port() != first  # a new connection, not one the server is about to close
+        assert upstream.breaker.snapshot().failure_count == 0
+    finally:
+        await upstream.aclose()
+        server.close()

@@ -12,7 +12,6 @@ import re
 import secrets
 import time
 
-from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hokusai.server.errors import INTERNAL_ERROR_DETAIL
@@ -23,6 +22,7 @@ logger = logging.getLogger("hokusai.request")
 access_logger = logging.getLogger("hokusai.access")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+_REQUEST_ID_RAW = REQUEST_ID_HEADER.lower().encode("latin-1")
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 # Dependencies append (name, value) pairs here; they are added to whatever response the route produces.
 RESPONSE_HEADERS_STATE_KEY = "response_headers"
@@ -65,10 +65,13 @@ class RequestContextMiddleware:
             if message["type"] == "http.response.start":
                 response["started"] = True
                 response["status"] = message["status"]
-                headers = MutableHeaders(scope=message)
-                headers[REQUEST_ID_HEADER] = request_id
-                for name, value in extra_headers:
-                    headers.append(name, value)
+                # Raw pairs rather than MutableHeaders: this runs on every answer, the gateway's relayed ones too.
+                headers = [pair for pair in message.get("headers", ()) if pair[0].lower() != _REQUEST_ID_RAW]
+                headers.append((_REQUEST_ID_RAW, request_id.encode("latin-1")))
+                headers.extend(
+                    (name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in extra_headers
+                )
+                message["headers"] = headers
             await send(message)
 
         try:
@@ -81,10 +84,11 @@ class RequestContextMiddleware:
             elapsed = time.perf_counter() - started_at
             route = scope.get("route")
             observe_request(getattr(route, "path", UNMATCHED_ROUTE), scope["method"], response["status"], elapsed)
-            # The path only (query strings may carry an api_key), on one line whatever it decodes to.
-            access_logger.info(
-                "%s %s %s %.1fms", scope["method"], single_line(scope["path"]), response["status"], elapsed * 1000
-            )
+            if access_logger.isEnabledFor(logging.INFO):
+                # The path only (query strings may carry an api_key), on one line whatever it decodes to.
+                access_logger.info(
+                    "%s %s %s %.1fms", scope["method"], single_line(scope["path"]), response["status"], elapsed * 1000
+                )
             request_id_var.reset(token)
 
 

@@ -7,7 +7,7 @@ from urllib.parse import unquote, unquote_to_bytes
 
 from hokusai.server.auth.keys import Scope
 from hokusai.server.errors import InvalidRequest, NotFound, PermissionDenied
-from hokusai.server.mlflow.scopes import GRAPHQL, MLFLOW_SCOPES, graphql_scope
+from hokusai.server.mlflow.scopes import GRAPHQL, MLFLOW_SCOPES, RouteRule, graphql_scope
 
 UNCLASSIFIED_ROUTE = "This MLflow route is not classified for the gateway; it is refused until it is reviewed"
 NO_SUCH_ROUTE = "MLflow serves no such route"
@@ -56,6 +56,10 @@ REQUEST_HEADERS_DROPPED = HOP_BY_HOP | frozenset(
     }
 )
 RESPONSE_HEADERS_DROPPED = HOP_BY_HOP | frozenset({"server", "date", "set-cookie"})
+# The same sets as the raw (latin-1) header names compare against: every call filters every header, so without
+# a decode per header.
+_REQUEST_HEADERS_DROPPED_RAW = frozenset(name.encode("latin-1") for name in REQUEST_HEADERS_DROPPED)
+_RESPONSE_HEADERS_DROPPED_RAW = frozenset(name.encode("latin-1") for name in RESPONSE_HEADERS_DROPPED)
 KEY_QUERY_PARAMETER = "api_key"
 # The MLflow UI's page and its bundled scripts, styles and images: what one page load fetches by the dozen.
 STATIC_ASSET_PREFIXES = ("/static-files/",)
@@ -66,17 +70,22 @@ def is_static_asset(method: str, upstream_path: str) -> bool:
     return method in ("GET", "HEAD") and (upstream_path in ("", "/") or upstream_path.startswith(STATIC_ASSET_PREFIXES))
 
 
-def required_scope(method: str, upstream_path: str, body: bytes | None = None) -> Scope:
-    """The scope MLflow's route needs, from the reviewed table (scopes.py); for GraphQL, that of the operation in
-    `body`. `upstream_path` is the raw path: it is decoded once, as MLflow's server decodes it before routing.
-    A route the table does not classify is refused (PermissionDenied); a path MLflow does not serve at all is
-    MlflowRouteNotFound (404)."""
+def route_rule(method: str, upstream_path: str) -> RouteRule:
+    """The rule of MLflow's route from the reviewed table (scopes.py): a scope, or GRAPHQL when the operation in
+    the body decides (`scope_for`). `upstream_path` is the raw path: it is decoded once, as MLflow's server decodes
+    it before routing. A route the table does not classify is refused (PermissionDenied); a path MLflow does not
+    serve at all is MlflowRouteNotFound (404)."""
     decoded = unquote(upstream_path)
     rule = MLFLOW_SCOPES.lookup(method, decoded)
     if rule is None:
         # A path MLflow serves by another method, or by a route not yet reviewed, is refused; one it does not serve
         # at all is not found, as MLflow itself would say.
         raise PermissionDenied(UNCLASSIFIED_ROUTE) if MLFLOW_SCOPES.serves(decoded) else MlflowRouteNotFound()
+    return rule
+
+
+def scope_for(rule: RouteRule, body: bytes | None = None) -> Scope:
+    """The scope a route's rule asks for; for GraphQL, that of the operation in `body`."""
     if rule == GRAPHQL:
         if body is None:
             raise InvalidRequest("GraphQL request body must be JSON")
@@ -84,9 +93,9 @@ def required_scope(method: str, upstream_path: str, body: bytes | None = None) -
     return rule
 
 
-def scope_depends_on_body(method: str, upstream_path: str) -> bool:
-    """Whether `required_scope` needs the request body (GraphQL: the operation decides)."""
-    return MLFLOW_SCOPES.lookup(method, unquote(upstream_path)) == GRAPHQL
+def required_scope(method: str, upstream_path: str, body: bytes | None = None) -> Scope:
+    """The scope MLflow's route needs (`route_rule`, then `scope_for`)."""
+    return scope_for(route_rule(method, upstream_path), body)
 
 
 def upstream_raw_path(raw_path: bytes, prefix: str) -> bytes:
@@ -149,7 +158,7 @@ def forwarded_request_headers(
     kept = [
         (name.decode("latin-1"), value.decode("latin-1"))
         for name, value in headers
-        if name.decode("latin-1").lower() not in REQUEST_HEADERS_DROPPED
+        if name.lower() not in _REQUEST_HEADERS_DROPPED_RAW
     ]
     if client_host:
         kept.append(("X-Forwarded-For", client_host))
@@ -161,4 +170,4 @@ def forwarded_request_headers(
 
 
 def forwarded_response_headers(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
-    return [(name, value) for name, value in headers if name.decode("latin-1").lower() not in RESPONSE_HEADERS_DROPPED]
+    return [(name, value) for name, value in headers if name.lower() not in _RESPONSE_HEADERS_DROPPED_RAW]

@@ -23,7 +23,7 @@ from urllib.parse import parse_qs
 import aiohttp
 from starlette.background import BackgroundTask
 from starlette.requests import Request
-from starlette.responses import RedirectResponse, Response, StreamingResponse
+from starlette.responses import RedirectResponse, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from hokusai.server.auth.caller import Caller
@@ -37,11 +37,12 @@ from hokusai.server.mlflow.gateway import (
     forwarded_request_headers,
     forwarded_response_headers,
     is_static_asset,
-    required_scope,
-    scope_depends_on_body,
+    route_rule,
+    scope_for,
     upstream_query,
     upstream_raw_path,
 )
+from hokusai.server.mlflow.scopes import GRAPHQL
 from hokusai.server.mlflow.upstream import MlflowUpstream
 
 GATEWAY_PREFIXES = ("/mlflow", "/api/mlflow")
@@ -131,59 +132,82 @@ class MlflowGateway:
         scope["route"] = ROUTES[prefix]
         request = Request(scope, receive)
         parts = self.parts()
+        answer: ASGIApp
         try:
-            counted = not is_static_asset(request.method, scope["path"][len(prefix) :])
-            response = await forward(request, prefix, await parts.gate.caller(request, counted=counted), parts)
+            counted = not is_static_asset(scope["method"], scope["path"][len(prefix) :])
+            answer = await forward(request, prefix, await parts.gate.caller(request, counted=counted), parts)
         except HokusaiError as exc:
-            response = error_response_for(request, exc)
-        await response(scope, receive, send)
+            answer = error_response_for(request, exc)
+        await answer(scope, receive, send)
 
 
-async def forward(request: Request, prefix: str, caller: Caller, parts: GatewayParts) -> Response:
+async def forward(request: Request, prefix: str, caller: Caller, parts: GatewayParts) -> ASGIApp:
+    """Check the caller's scope for the route, send the request to MLflow and return its answer to relay."""
     upstream = parts.upstream
     scope = request.scope
+    method = scope["method"]
     path = upstream_raw_path(scope.get("raw_path") or scope["path"].encode(), prefix)
     route_path = path.decode("latin-1")
+    rule = route_rule(method, route_path)  # one look-up in the scope table per call
     body: bytes | AsyncIterator[bytes] | None
-    if scope_depends_on_body(request.method, route_path):
+    if rule == GRAPHQL:
         body = await _bounded_body(request)  # read before the scope check, then forwarded as read
-        needed = required_scope(request.method, route_path, body)
+        needed = scope_for(rule, body)
     else:
-        needed = required_scope(request.method, route_path)
+        needed = scope_for(rule)
         body = None
     parts.gate.policy.authorize(caller, gateway_action(needed), route_path)
     if body is None:
         body = await _body(request)
 
+    client = scope.get("client")
     headers = forwarded_request_headers(
         scope["headers"],
-        client_host=request.client.host if request.client else None,
+        client_host=client[0] if client else None,
         scheme=scope.get("scheme", "http"),
         host=request.headers.get("host"),
         prefix=prefix,
     )
     query = upstream_query(scope.get("query_string", b""))
-    changed_models: list[str] = []
-    if needed is not KeyScope.READ and changes_registry(path) and parts.changes is not None:
-        changed_models = models_named(body, query)
-    async with AsyncExitStack() as observed:
-        for name in changed_models:
-            # Like /models writes: who is about to change the model recorded first, the model observed after.
-            await observed.enter_async_context(parts.changes.change(name, Actor.of(caller)))
-        upstream_response = await upstream.open(request.method, path, query, headers, body=body)
-    if needed is not KeyScope.READ and changes_registry(path):
+    registry_write = needed is not KeyScope.READ and changes_registry(path)
+    changed_models = models_named(body, query) if registry_write and parts.changes is not None else []
+    if changed_models:
+        async with AsyncExitStack() as observed:
+            for name in changed_models:
+                # Like /models writes: who is about to change the model recorded first, the model observed after.
+                await observed.enter_async_context(parts.changes.change(name, Actor.of(caller)))
+            upstream_response = await upstream.open(method, path, query, headers, body=body)
+    else:
+        upstream_response = await upstream.open(method, path, query, headers, body=body)
+    if registry_write:
         await parts.on_registry_change()
+    relayed_headers = forwarded_response_headers(list(upstream_response.raw_headers))
     if _declared_length(upstream_response.headers.get("content-length")) <= SMALL_BODY_BYTES:
         # Small JSON answers (most MLflow calls) go out in one message: streaming costs more than it saves here.
-        response: Response = Response(await upstream.read_body(upstream_response), status_code=upstream_response.status)
-    else:
-        response = StreamingResponse(
-            _relay(upstream_response),
-            status_code=upstream_response.status,
-            background=BackgroundTask(upstream_response.release),
-        )
-    response.raw_headers = forwarded_response_headers(list(upstream_response.raw_headers))
+        return RelayedAnswer(upstream_response.status, relayed_headers, await upstream.read_body(upstream_response))
+    response = StreamingResponse(
+        _relay(upstream_response),
+        status_code=upstream_response.status,
+        background=BackgroundTask(upstream_response.release),
+    )
+    response.raw_headers = relayed_headers
     return response
+
+
+class RelayedAnswer:
+    """MLflow's whole answer, sent on as it came (its own Content-Length included) in one start and one body
+    message: a starlette Response would build headers only to have them replaced by MLflow's."""
+
+    __slots__ = ("status", "headers", "body")
+
+    def __init__(self, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status = status
+        self.headers = headers
+        self.body = body
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status, "headers": self.headers})
+        await send({"type": "http.response.body", "body": self.body})
 
 
 async def _body(request: Request) -> bytes | AsyncIterator[bytes] | None:

@@ -25,6 +25,11 @@ from hokusai.server.mlflow.breaker import CircuitBreaker, Permit
 
 # A proxied request carries exactly the headers the client sent (minus the ones the gateway strips).
 NO_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
+# How long an idle upstream connection is kept for reuse: less than the server's own idle timeout (uvicorn's
+# default, which `mlflow server` and the embedded MLflow run, is 5 s). With aiohttp's default of 15 s, a call made
+# just as MLflow closed an idle connection went out on it: a GET is retried, but a POST failed with "server
+# disconnected" (a 502 to the client, and a failure counted by the breaker).
+UPSTREAM_IDLE_SECONDS = 4.0
 
 
 class UpstreamUnavailable(ServiceUnavailable):
@@ -80,8 +85,10 @@ class MlflowUpstream:
         breaker: CircuitBreaker,
         authorization: str | None = None,
         keepalive: bool = True,
+        idle_seconds: float = UPSTREAM_IDLE_SECONDS,
     ) -> None:
-        """Create within the running event loop (the app's lifespan)."""
+        """Create within the running event loop (the app's lifespan). `idle_seconds`: how long an idle connection
+        is kept for reuse (with `keepalive`); it must be less than MLflow's own idle timeout."""
         self.base_url = base_url.rstrip("/")
         root = URL(self.base_url)
         self._origin = str(root.origin())
@@ -92,7 +99,11 @@ class MlflowUpstream:
         self.session = aiohttp.ClientSession(
             # force_close opens a connection per call: the cure for multi-worker uvicorn upstreams, where every
             # reused keep-alive connection waits ~44 ms on delayed ACKs (HOKUSAI_MLFLOW_KEEPALIVE=false).
-            connector=aiohttp.TCPConnector(limit=200, force_close=not keepalive),
+            connector=aiohttp.TCPConnector(
+                limit=200,
+                force_close=not keepalive,
+                keepalive_timeout=idle_seconds if keepalive else None,
+            ),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=timeout, sock_read=timeout),
             auto_decompress=False,  # bodies are relayed as MLflow encoded them
             read_bufsize=2**20,  # large artifact reads in few, big chunks
