@@ -121,7 +121,7 @@ async def test_a_collaborator_is_replaced_through_dependency_overrides_and_write
     seen = []
 
     class FakeRegistry:
-        async def list_versions(self, name, max_results, page_token):
+        async def list_versions(self, name, max_results, page_token, include_aliases=False):
             return ModelList(models=[])
 
         async def update_version(self, name, version, update, actor):
