@@ -93,6 +93,19 @@ def test_next_never_leads_to_another_site(service, target):
         assert sign_in(client, key, target).headers["location"] == "/ui/"
 
 
+def test_sign_ins_count_against_the_keys_budget(service):
+    """A key cannot open sessions without bound: each sign-in is a request of the key."""
+    key = create_key(service, ["read"], rate_limit_per_hour=2)["key"]
+    for _ in range(2):
+        with browser(service) as client:
+            sign_in(client, key)
+    with browser(service) as client:
+        refused = client.post("/login", data={"api_key": key, "next": "/ui/"}, headers={"Origin": service.base_url})
+        assert refused.status_code == 429 and 'role="alert"' in refused.text
+        assert "retry-after" in refused.headers
+        assert COOKIE not in client.cookies
+
+
 def test_cross_site_writes_with_the_cookie_are_refused_and_same_origin_ones_pass(service):
     key = create_key(service, ["write"])["key"]
     create = "/mlflow/api/2.0/mlflow/experiments/create"
@@ -187,7 +200,7 @@ def test_a_revoked_key_ends_its_sessions(service):
 
 
 def test_static_assets_of_the_mlflow_ui_are_not_rate_counted(service):
-    key = create_key(service, ["read"], rate_limit_per_hour=3)["key"]
+    key = create_key(service, ["read"], rate_limit_per_hour=4)["key"]  # the sign-in counts one
     with browser(service) as client:
         sign_in(client, key)
         page = client.get("/mlflow/")
@@ -198,7 +211,7 @@ def test_static_assets_of_the_mlflow_ui_are_not_rate_counted(service):
             for asset in assets[:4]:
                 assert client.get(f"/mlflow/{asset}").status_code == 200
         assert "x-ratelimit-remaining" not in page.headers
-        # API calls are counted: the fourth in the hour is refused.
+        # API calls are counted: after the sign-in, the fourth in the hour is refused.
         statuses = [client.get(EXPERIMENTS).status_code for _ in range(4)]
         assert statuses == [200, 200, 200, 429]
 

@@ -13,7 +13,10 @@ from fastapi import APIRouter, Depends, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from pydantic import BaseModel, Field
 
-from hokusai.server.auth.identity import KeyIdentifier, client_address
+from hokusai.server.auth.caller import Caller as CallerRecord
+from hokusai.server.auth.dependencies import get_gate
+from hokusai.server.auth.gate import Gate
+from hokusai.server.auth.identity import client_address
 from hokusai.server.auth.sessions import BrowserSessions, LoginLinkInvalid, NewSession
 from hokusai.server.deps import AppSettings, Caller
 from hokusai.server.errors import InvalidApiKey
@@ -29,12 +32,8 @@ def get_sessions(request: Request) -> BrowserSessions:
     return request.app.state.sessions
 
 
-def get_identifier(request: Request) -> KeyIdentifier:
-    return request.app.state.gate.identifier
-
-
 Sessions = Annotated[BrowserSessions, Depends(get_sessions)]
-Identifier = Annotated[KeyIdentifier, Depends(get_identifier)]
+KeyGate = Annotated[Gate, Depends(get_gate)]
 
 
 class LoginLinkRequest(BaseModel):
@@ -82,22 +81,24 @@ async def sign_in(
     request: Request,
     settings: AppSettings,
     sessions: Sessions,
-    identifier: Identifier,
+    gate: KeyGate,
     api_key: Annotated[str, Form(max_length=512)] = "",
     next: Annotated[str, Form(max_length=2000)] = "",
 ) -> Response:
-    """Check the key and open a session. Another site cannot sign a visitor in (to a key of its choosing)."""
+    """Check the key and open a session. Another site cannot sign a visitor in (to a key of its choosing). A
+    sign-in counts against the key's budget like any request: a key cannot make sessions without bound."""
     refuse_cross_site(request, require_token=False)
     next_path = local_path(next)
     if not api_key.strip():
         return login_page(request, next_path, "Enter an API key.", status_code=400)
     address = client_address(request)
     try:
-        key = await identifier.check_key(api_key.strip(), address)
+        key = await gate.identifier.check_key(api_key.strip(), address)
+        await gate.throttle.count(request, CallerRecord.of_key(key, address))
     except InvalidApiKey:
         return login_page(request, next_path, "That API key is not valid (unknown, revoked or expired).", 401)
     except RateLimited as exc:
-        page = login_page(request, next_path, "Too many failed sign-in attempts: wait a minute and try again.", 429)
+        page = login_page(request, next_path, "Too many sign-in attempts or requests: try again later.", 429)
         page.headers.update(exc.headers or {})
         return page
     if (previous := session_token(request)) is not None:
