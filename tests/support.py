@@ -255,6 +255,22 @@ def run_analytics_scenario(service: ServiceProcess, key: str, experiment: str) -
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def mlflow_model_with_versions(mlflow_url: str, prefix: str, versions: int = 2) -> str:
+    """A registered model `<prefix>-<random>` made in MLflow directly (not through the service), with `versions`
+    versions of one run; returns its name."""
+    name = f"{prefix}-{secrets.token_hex(4)}"
+    with httpx.Client(base_url=f"{mlflow_url}/api/2.0/mlflow", timeout=30) as mlflow:
+        run = mlflow.post("/runs/create", json={"experiment_id": "0"}).json()["run"]["info"]
+        assert mlflow.post("/registered-models/create", json={"name": name}).status_code == 200
+        for _ in range(versions):
+            created = mlflow.post(
+                "/model-versions/create",
+                json={"name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"]},
+            )
+            assert created.status_code == 200, created.text
+    return name
+
+
 def benchmark_metadata(version: dict, contributor: str | None = None) -> dict:
     """Register metadata of a scenario version: its validation accuracy as the benchmark, and a contributor."""
     metadata = {"benchmark_metric": "val_accuracy", "benchmark_value": version["metrics"]["val_accuracy"]}

@@ -13,6 +13,7 @@ import pytest
 
 from hokusai import ModelRegistry
 from hokusai.server.registry.schemas import ModelList, ModelVersionDetail, ModelVersionSummary
+from tests.support import mlflow_model_with_versions
 from tests.test_single_flight import API, CountingMlflow
 
 SEARCH, ALIASES_BY_SEARCH = "GET /api/2.0/mlflow/model-versions/search", "GET /api/2.0/mlflow/registered-models/search"
@@ -28,16 +29,8 @@ def counting(mlflow_server) -> Iterator[CountingMlflow]:
 @pytest.fixture
 def aliased_model(mlflow_server) -> str:
     """A model with two versions made in MLflow, its version 2 aliased `champ` there (not through the service)."""
-    name = f"reads-{secrets.token_hex(4)}"
+    name = mlflow_model_with_versions(mlflow_server.url, "reads")
     with httpx.Client(base_url=mlflow_server.url + API, timeout=30) as mlflow:
-        run = mlflow.post("/runs/create", json={"experiment_id": "0"}).json()["run"]["info"]
-        assert mlflow.post("/registered-models/create", json={"name": name}).status_code == 200
-        for _ in range(2):
-            created = mlflow.post(
-                "/model-versions/create",
-                json={"name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"]},
-            )
-            assert created.status_code == 200, created.text
         alias = mlflow.post("/registered-models/alias", json={"name": name, "alias": "champ", "version": "2"})
         assert alias.status_code == 200, alias.text
     return name

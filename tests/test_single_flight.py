@@ -19,6 +19,7 @@ import pytest
 from redis.asyncio import Redis
 
 from hokusai.server.registry.cache import RegistryReadCache
+from tests.support import mlflow_model_with_versions
 
 API = "/api/2.0/mlflow"
 READERS = 12
@@ -236,17 +237,7 @@ def counting_mlflow(mlflow_server):
 @pytest.fixture
 def model_name(mlflow_server) -> str:
     """A model with two versions, made in MLflow."""
-    name = f"flight-{secrets.token_hex(4)}"
-    with httpx.Client(base_url=mlflow_server.url + API, timeout=30) as mlflow:
-        run = mlflow.post("/runs/create", json={"experiment_id": "0"}).json()["run"]["info"]
-        assert mlflow.post("/registered-models/create", json={"name": name}).status_code == 200
-        for _ in range(2):
-            created = mlflow.post(
-                "/model-versions/create",
-                json={"name": name, "source": f"{run['artifact_uri']}/model", "run_id": run["run_id"]},
-            )
-            assert created.status_code == 200, created.text
-    return name
+    return mlflow_model_with_versions(mlflow_server.url, "flight")
 
 
 def read_at_once(services: list, paths: list[str]) -> list[httpx.Response]:

@@ -122,6 +122,22 @@ def production_of(versions: list[ModelVersionSummary]) -> ModelVersionSummary | 
 # --- models --------------------------------------------------------------------------------------------------
 
 
+class Paged:
+    """A page of a longer listing: where the pager's previous and next links start (None: no such page)."""
+
+    total: int
+    offset: int
+    limit: int
+
+    @property
+    def previous_offset(self) -> int | None:
+        return max(0, self.offset - self.limit) if self.offset > 0 else None
+
+    @property
+    def next_offset(self) -> int | None:
+        return self.offset + self.limit if self.offset + self.limit < self.total else None
+
+
 @dataclass(frozen=True)
 class ModelRow:
     name: str
@@ -137,21 +153,13 @@ class ModelRow:
 
 
 @dataclass(frozen=True)
-class ModelsPage:
+class ModelsPage(Paged):
     query: str
     rows: list[ModelRow]
     total: int  # models matching the query
     offset: int
     limit: int
     truncated: bool  # more versions exist than were read
-
-    @property
-    def previous_offset(self) -> int | None:
-        return max(0, self.offset - self.limit) if self.offset > 0 else None
-
-    @property
-    def next_offset(self) -> int | None:
-        return self.offset + self.limit if self.offset + self.limit < self.total else None
 
 
 async def models_page(registry: RegistryService, query: str, offset: int, limit: int) -> ModelsPage:
@@ -500,19 +508,11 @@ class LeaderboardRow:
 
 
 @dataclass(frozen=True)
-class LeaderboardPage:
+class LeaderboardPage(Paged):
     rows: list[LeaderboardRow]
     total: int
     offset: int
     limit: int
-
-    @property
-    def previous_offset(self) -> int | None:
-        return max(0, self.offset - self.limit) if self.offset > 0 else None
-
-    @property
-    def next_offset(self) -> int | None:
-        return self.offset + self.limit if self.offset + self.limit < self.total else None
 
 
 async def leaderboard_page(analytics: ModelAnalytics, limit: int, offset: int) -> LeaderboardPage:
