@@ -32,7 +32,9 @@ from hokusai.server.web.dashboard.charts import Bar, ChartPoint, Tone, bar_chart
 
 MLFLOW_UI = "/mlflow/"
 VERSIONS_PER_CALL = 1000  # MLflow's page size for model-version searches
-MAX_VERSION_PAGES = 50  # the models page reads at most 50,000 versions (and says so when there are more)
+# The models page reads at most 10,000 versions (and says so when there are more): what one page load may hold in
+# memory and ask of MLflow stays bounded whatever the registry's size, with many readers at once.
+MAX_VERSION_PAGES = 10
 LINEAGE_CONCURRENCY = 8  # versions whose run is looked up at the same time on a model's page
 KEY_METRICS = 5  # metric columns on a model's page: the benchmark metric first, then the latest version's
 CONTRIBUTIONS_CHARTED = 1000  # a contributor's newest contributions read for the page and its chart
